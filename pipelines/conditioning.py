@@ -1,0 +1,289 @@
+"""The conditioning builder: request + decoded media -> the exact `WanVACEPipeline` inputs.
+
+One function, `build_conditioning`, turns the API's `task`, `video`, `mask_video`, `mask_image`,
+`first_image`, `last_image` and `images` into the pipeline's `video`, `mask` and
+`reference_images`, following VACE's recipes (design/vace.md §1 and §5). Everything is validated
+here, before any GPU work.
+
+Recipes (F = num_frames; "gray" = 0.5 in [0, 1] = official 127.5 = 0 in [-1, 1];
+mask 1 = generate, 0 = keep; `video`/`mask` None = the pipeline's own default, i.e. an all-gray
+video under an all-ones mask):
+
+| request                               | video                                   | mask                                  | reference_images |
+|---------------------------------------|-----------------------------------------|---------------------------------------|------------------|
+| prompt only (T2V)                     | None                                    | None                                  | None             |
+| `images` only (R2V)                   | None                                    | None                                  | refs reversed    |
+| `video` + task (control)              | preprocessor(task)(frames)              | None (all generate)                   | optional         |
+| `video` shorter than F (extension)    | frames + [gray] * (F - Fv)              | given mask (else 1), 1 after the clip | optional         |
+| `video` + `mask_video` (MV2V)         | preprocessor(task)(frames, mask)        | mask_video (1 past its end)           | optional         |
+| `video` + `mask_image`                | preprocessor(task)(frames, mask)        | mask_image repeated over the video    | optional         |
+| task `inpainting` (+ a mask)          | frames, masked pixels -> 128            | the mask                              | optional         |
+| `first_image`                         | [first] + [gray] * (F-1)                | [0] + [1] * (F-1)                     | optional         |
+| `last_image`                          | [gray] * (F-1) + [last]                 | [1] * (F-1) + [0]                     | optional         |
+| `first_image` + `last_image`          | [first] + [gray] * (F-2) + [last]       | 0, 1, ..., 1, 0                       | optional         |
+| `video` + `first_image`/`last_image`  | the video's frame 0 / F-1 replaced      | 0 on those frames                     | optional         |
+
+Rules and decisions:
+- `task` applies to `video` only and is IGNORED when there is no video: WaveSpeed's default task
+  is `depth` and clients send it with no video (contract §6); never reject that.
+- A mask without a video is refused (InvalidParameter): there is nothing to edit.
+- `mask_video` wins over `mask_image` when both are given. A `mask_video` shorter than the video
+  is extended with white (generate) frames; mask frames past the end of the video are ignored
+  (the frames there are gray and always generated). Masks are binarised at > 127.
+- Extension: a source shorter than F is extended forward with gray frames under a white mask.
+  The clip's own frames get the given mask, else white: with no mask the clip is a control
+  signal; to *keep* its pixels (official `firstclip`) send `task: none` with a black
+  `mask_image`.
+- `first_image`/`last_image` are fitted like the source video (`pipelines.media.fit_cover`:
+  resize to cover, centre crop, as official `prepare_source`) and overwrite frame 0 / F-1 of
+  the (control) video or of an all-gray video; the mask is 0 there whatever a given mask said.
+- Reference images are passed as RGB (alpha composited over white, as official
+  `_pillow_convert`) at their own size: diffusers fits each inside H x W on a white canvas
+  itself. They are passed REVERSED: diffusers prepends them to the latent one by one, so
+  passing [B, A] gives the official latent order [A, B, video] (vace.md §1 step 2).
+
+Representation (checked against diffusers 0.42.1, see tests/test_conditioning.py):
+- `video` is float32 (F, H, W, 3) in [0, 1]; diffusers maps x -> 2x - 1, so 0.5 becomes exactly
+  0.0 and a uint8 value v becomes the official v / 127.5 - 1 (to float32 rounding). PIL or
+  uint8 frames cannot express 127.5: 128 would give 0.0039 instead of 0.
+- `mask` is float32 (F, H, W, 1) with values exactly 0 or 1 (diffusers: 2m - 1, then
+  (x + 1) / 2 -> m, then binarised > 0.5). One channel like the official `src_mask`; the
+  pipeline broadcasts it over RGB (identical output to a 3-channel mask, a third of the memory).
+- `pipeline_kwargs()` passes both with a leading batch axis, (1, F, H, W, C): diffusers sizes a
+  video from `video[0]` and reads a 3-D (H, W, C) frame as (batch, H, W), so a 4-D array or a
+  list of frames is mis-sized (a crash or a silently wrong size); a 5-D array is read correctly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import PIL.Image
+
+from pipelines.media import fit_cover
+from preprocessors.registry import Preprocessor, get_preprocessor
+from server.errors import InvalidParameter
+
+__all__ = ["Conditioning", "MediaInputs", "build_conditioning", "fit_cover", "to_rgb"]
+
+# diffusers floors a reference image's sides to multiples of 8 before fitting it: smaller
+# images would become empty and crash the pipeline.
+_MIN_REF_SIDE = 8
+
+GRAY = 0.5
+
+
+@dataclass
+class MediaInputs:
+    """Decoded media, already at the target size (pipelines/media.py)."""
+
+    video: np.ndarray | None = None  # uint8 (Fv, H, W, 3), Fv <= num_frames
+    mask_video: np.ndarray | None = None  # uint8 (Fm, H, W) 0/255, Fm <= num_frames
+    mask_image: np.ndarray | None = None  # uint8 (H, W) 0/255
+    first_image: PIL.Image.Image | None = None  # any size; fitted here
+    last_image: PIL.Image.Image | None = None
+    images: list[PIL.Image.Image] = field(default_factory=list)  # references, API order
+
+
+@dataclass
+class Conditioning:
+    """Exactly what the pipeline receives (see the module docstring for the representation)."""
+
+    video: np.ndarray | None  # float32 (F, H, W, 3) in [0, 1]; None = no source (T2V / R2V)
+    mask: np.ndarray | None  # float32 (F, H, W, 1), exactly 0/1 (1 = generate); None = all 1
+    reference_images: list[PIL.Image.Image]  # order passed to diffusers (API order reversed)
+    reference_images_api_order: list[PIL.Image.Image]
+    width: int
+    height: int
+    num_frames: int
+    recipe: str  # e.g. "control(gray)+first_image+refs"
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `pipe(...)`: video, mask, reference_images, height, width,
+        num_frames. Arrays get a batch axis (views, no copy): see the module docstring."""
+        return {
+            "video": None if self.video is None else self.video[None],
+            "mask": None if self.mask is None else self.mask[None],
+            "reference_images": list(self.reference_images) or None,
+            "height": self.height,
+            "width": self.width,
+            "num_frames": self.num_frames,
+        }
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """RGB; transparency composited over white (as the official loader does)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        canvas = PIL.Image.new("RGB", image.size, (255, 255, 255))
+        canvas.paste(image, (0, 0), mask=image)
+        return canvas
+    return image.convert("RGB")
+
+
+def _check_array(name: str, arr: np.ndarray, ndim: int, tail: tuple[int, ...], max_frames: int):
+    """Contract checks on decoded media: a violation is a bug upstream, hence ValueError."""
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.ndim != ndim:
+        raise ValueError(
+            f"{name} must be a uint8 array with {ndim} dimensions, got "
+            f"{getattr(arr, 'dtype', type(arr))} {getattr(arr, 'shape', '')}"
+        )
+    if arr.shape[arr.ndim - len(tail) :] != tail:
+        raise ValueError(f"{name} has shape {arr.shape}; expected (..., {tail}) for the target size")
+    if ndim == len(tail) + 1 and not 1 <= arr.shape[0] <= max_frames:
+        raise ValueError(f"{name} has {arr.shape[0]} frames; expected 1..{max_frames}")
+
+
+def _binary(mask: np.ndarray) -> np.ndarray:
+    """uint8 0/255 (255 = generate), binarised at > 127 like the pipeline (> 0.5)."""
+    return np.where(mask > 127, np.uint8(255), np.uint8(0))
+
+
+def build_conditioning(
+    task: str,
+    media: MediaInputs,
+    *,
+    width: int,
+    height: int,
+    num_frames: int,
+    preprocessors: Callable[[str], Preprocessor] = get_preprocessor,
+) -> Conditioning:
+    """Build the pipeline inputs for one request; see the module docstring for the recipes.
+
+    Raises InvalidParameter (a request that cannot be honoured), NotSupportedYet (a task whose
+    preprocessor is missing; only when a video is given) or ValueError (media that break the
+    MediaInputs contract, i.e. a bug upstream).
+    """
+    # 1. The target itself (the pipeline silently rounds or misaligns otherwise).
+    if width <= 0 or height <= 0 or width % 16 or height % 16:
+        raise ValueError(f"width and height must be positive multiples of 16, got {width}x{height}")
+    if num_frames < 1 or num_frames % 4 != 1:
+        raise ValueError(f"num_frames must be 4n+1, got {num_frames}")
+    F, H, W = num_frames, height, width
+
+    # 2. Media contract.
+    if media.video is not None:
+        _check_array("video", media.video, 4, (H, W, 3), F)
+    if media.mask_video is not None:
+        _check_array("mask_video", media.mask_video, 3, (H, W), F)
+    if media.mask_image is not None:
+        _check_array("mask_image", media.mask_image, 2, (H, W), F)
+    for name in ("first_image", "last_image"):
+        img = getattr(media, name)
+        if img is not None and not isinstance(img, PIL.Image.Image):
+            raise ValueError(f"{name} must be a PIL image, got {type(img).__name__}")
+
+    # 3. Request-level checks.
+    has_mask = media.mask_video is not None or media.mask_image is not None
+    if has_mask and media.video is None:
+        field_name = "mask_video" if media.mask_video is not None else "mask_image"
+        raise InvalidParameter(f"{field_name} needs a video to edit: give video as well")
+    if media.first_image is not None and media.last_image is not None and F < 2:
+        raise InvalidParameter("first_image and last_image need at least 2 frames")
+    refs_api = _check_refs(media.images, F)
+
+    parts: list[str] = []
+    video: np.ndarray | None = None
+    mask: np.ndarray | None = None  # float32 (F, H, W, 1) once built
+
+    # 4. The source video through its preprocessor, extended to F frames.
+    if media.video is not None:
+        pre = preprocessors(task)  # NotSupportedYet for a known-but-missing task
+        if pre.needs_mask and not has_mask:
+            raise InvalidParameter(f"task {task!r} needs mask_video or mask_image")
+        fv = media.video.shape[0]
+        src_mask: np.ndarray | None = None  # uint8 (Fv, H, W) 0/255
+        if media.mask_video is not None:
+            src_mask = np.full((fv, H, W), 255, dtype=np.uint8)
+            n = min(fv, media.mask_video.shape[0])
+            src_mask[:n] = _binary(media.mask_video[:n])
+        elif media.mask_image is not None:
+            src_mask = np.broadcast_to(_binary(media.mask_image), (fv, H, W)).copy()
+
+        frames, out_mask = pre(media.video, src_mask)
+        if not (
+            isinstance(frames, np.ndarray)
+            and frames.dtype == np.uint8
+            and frames.shape == media.video.shape
+        ):
+            raise ValueError(
+                f"preprocessor {task!r} returned {getattr(frames, 'dtype', type(frames))} "
+                f"{getattr(frames, 'shape', '')}; expected uint8 {media.video.shape}"
+            )
+        if out_mask is not None and (
+            out_mask.dtype != np.uint8 or out_mask.shape != (fv, H, W)
+        ):
+            raise ValueError(f"preprocessor {task!r} returned a mask of shape {out_mask.shape}")
+
+        video = np.full((F, H, W, 3), GRAY, dtype=np.float32)
+        np.divide(frames, np.float32(255), out=video[:fv])
+        parts.append(f"control({task})")
+        if out_mask is not None:
+            mask = np.ones((F, H, W, 1), dtype=np.float32)
+            mask[:fv, ..., 0] = out_mask > 127
+            parts.append("mask_video" if media.mask_video is not None else "mask_image")
+        if fv < F:
+            parts.append(f"extension({F - fv})")
+
+    # 5. First / last frame.
+    for name, index in (("first_image", 0), ("last_image", F - 1)):
+        img = getattr(media, name)
+        if img is None:
+            continue
+        if video is None:
+            video = np.full((F, H, W, 3), GRAY, dtype=np.float32)
+        if mask is None:
+            mask = np.ones((F, H, W, 1), dtype=np.float32)
+        fitted = fit_cover(to_rgb(img), W, H)
+        video[index] = np.asarray(fitted, dtype=np.float32) / np.float32(255)
+        mask[index] = 0.0
+        parts.append(name)
+
+    # 6. References.
+    if not parts:
+        parts.append("r2v" if refs_api else "t2v")
+    elif refs_api:
+        parts.append("refs")
+
+    # An all-ones mask is the pipeline's default: say None (cheaper, and clearer to read).
+    if mask is not None and bool(mask.all()):
+        mask = None
+
+    return Conditioning(
+        video=video,
+        mask=mask,
+        reference_images=list(reversed(refs_api)),
+        reference_images_api_order=refs_api,
+        width=W,
+        height=H,
+        num_frames=F,
+        recipe="+".join(parts),
+    )
+
+
+def _check_refs(images: list[PIL.Image.Image], num_frames: int) -> list[PIL.Image.Image]:
+    refs: list[PIL.Image.Image] = []
+    for i, img in enumerate(images or []):
+        if not isinstance(img, PIL.Image.Image):
+            raise ValueError(f"images[{i}] must be a PIL image, got {type(img).__name__}")
+        if min(img.size) < _MIN_REF_SIDE:
+            raise InvalidParameter(
+                f"images[{i}] is {img.width}x{img.height} pixels; reference images need at "
+                f"least {_MIN_REF_SIDE}x{_MIN_REF_SIDE}"
+            )
+        refs.append(to_rgb(img))
+    # diffusers zero-pads the mask for each reference by slicing the video's latent frames, so
+    # there can be no more references than latent frames (vace.md §1 step 3).
+    latent_frames = (num_frames - 1) // 4 + 1
+    if len(refs) > latent_frames:
+        raise InvalidParameter(
+            f"{len(refs)} reference images need a video of at least {(len(refs) - 1) * 4 + 1} "
+            f"frames; this one has {num_frames}"
+        )
+    return refs

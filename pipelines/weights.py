@@ -1,0 +1,471 @@
+"""The model catalog (`weights.toml`) and the checks that tell a complete local folder from a
+missing, partial or corrupted one.
+
+No torch and no Hub access here: the API process, the loader and `scripts/fetch_weights.py` all
+use this module, and only the fetch script ever talks to the network. Weights are loaded only from
+local folders at run time ("Offline by construction", architecture.md).
+
+A real model's folder is complete when it holds every `required` piece AND the manifest
+`.wan-vace-manifest.json`, which the fetch script writes only after every file matched the Hub's
+checksums; the loader also checks each manifest file's size (cheap), while `--verify-only`
+re-hashes everything (slow: 75 GB for the 14B model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CATALOG = REPO_ROOT / "weights.toml"
+MANIFEST_NAME = ".wan-vace-manifest.json"
+MANIFEST_FORMAT = 1
+# snapshot_download(local_dir=...) keeps its resume metadata here; it is not part of the model.
+HF_LOCAL_CACHE = ".cache"
+
+KIND_DIFFUSERS = "diffusers"
+KIND_RANDOM = "random"
+DTYPES = ("bfloat16", "float16", "float32")
+# What a diffusers-format WanVACEPipeline folder holds; used for folders given by path.
+DIFFUSERS_VACE_LAYOUT = (
+    "model_index.json",
+    "scheduler/",
+    "text_encoder/",
+    "tokenizer/",
+    "transformer/",
+    "vae/",
+)
+_CHUNK = 8 * 1024 * 1024
+_FULL_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+class CatalogError(ValueError):
+    """weights.toml is malformed; the message names the entry and key."""
+
+
+class ModelNotAvailable(Exception):
+    """The requested model cannot be loaded from local files. The message says what is missing
+    and the exact command that fetches it; the server reports it at startup."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        name: str | None = None,
+        missing: Iterable[str] = (),
+        fetch_command: str | None = None,
+    ):
+        super().__init__(message)
+        self.name = name
+        self.missing = list(missing)
+        self.fetch_command = fetch_command
+
+
+class UnknownModel(ModelNotAvailable):
+    """The name is not in the catalog."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    kind: str
+    description: str = ""
+    repo_id: str | None = None
+    revision: str | None = None
+    license: str | None = None
+    folder: str | None = None
+    required: tuple[str, ...] = ()
+    allow_patterns: tuple[str, ...] = ()
+    dtypes: Mapping[str, str] = field(default_factory=dict)
+    approx_size_gb: float | None = None
+    render_downscale: int = 1
+
+    @property
+    def needs_files(self) -> bool:
+        return self.kind != KIND_RANDOM
+
+    @property
+    def pinned(self) -> bool:
+        """True when `revision` is a full commit id, not a branch that can move."""
+        return bool(self.revision and _FULL_SHA.fullmatch(self.revision))
+
+    def local_dir(self, weights_root: str | os.PathLike[str]) -> Path:
+        if self.folder is None:
+            raise ValueError(f"model {self.name!r} ({self.kind}) has no local folder")
+        return Path(weights_root).expanduser() / self.folder
+
+
+# --------------------------------------------------------------------------------------------
+# Catalog
+
+
+def load_catalog(path: str | os.PathLike[str] | None = None) -> dict[str, ModelEntry]:
+    """Parse weights.toml (the repository's by default) into {name: ModelEntry}."""
+    path = Path(path) if path is not None else DEFAULT_CATALOG
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise CatalogError(f"model catalog not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise CatalogError(f"{path}: {e}") from None
+    unknown = set(data) - {"schema_version", "models", "preprocessors"}
+    if unknown:
+        raise CatalogError(f"{path}: unknown top-level keys {sorted(unknown)}")
+    if data.get("schema_version", 1) != 1:
+        raise CatalogError(f"{path}: unsupported schema_version {data['schema_version']!r}")
+    models = data.get("models")
+    if not isinstance(models, dict) or not models:
+        raise CatalogError(f"{path}: no [models.*] tables")
+    return {name: _parse_entry(name, table, path) for name, table in models.items()}
+
+
+_COMMON_KEYS = {"kind", "description"}
+_DIFFUSERS_KEYS = _COMMON_KEYS | {
+    "repo_id",
+    "revision",
+    "license",
+    "folder",
+    "required",
+    "allow_patterns",
+    "dtypes",
+    "approx_size_gb",
+}
+_RANDOM_KEYS = _COMMON_KEYS | {"render_downscale"}
+
+
+def _parse_entry(name: str, t: Any, path: Path) -> ModelEntry:
+    where = f"{path}: [models.{name!r}]"
+    if not isinstance(t, dict):
+        raise CatalogError(f"{where} must be a table")
+    kind = t.get("kind")
+    if kind == KIND_RANDOM:
+        _no_unknown(t, _RANDOM_KEYS, where)
+        downscale = t.get("render_downscale", 1)
+        if not isinstance(downscale, int) or downscale < 1:
+            raise CatalogError(f"{where}: render_downscale must be an integer >= 1")
+        return ModelEntry(
+            name=name,
+            kind=kind,
+            description=str(t.get("description", "")),
+            render_downscale=downscale,
+        )
+    if kind != KIND_DIFFUSERS:
+        raise CatalogError(f"{where}: kind must be {KIND_DIFFUSERS!r} or {KIND_RANDOM!r}")
+    _no_unknown(t, _DIFFUSERS_KEYS, where)
+    for key in ("repo_id", "revision", "license", "folder"):
+        if not isinstance(t.get(key), str) or not t[key]:
+            raise CatalogError(f"{where}: {key} is required (a non-empty string)")
+    folder = Path(t["folder"])
+    if folder.is_absolute() or ".." in folder.parts:
+        raise CatalogError(f"{where}: folder must be relative to the weights root, without '..'")
+    required = _str_list(t, "required", where)
+    allow = _str_list(t, "allow_patterns", where)
+    dtypes = t.get("dtypes")
+    if not isinstance(dtypes, dict) or not dtypes:
+        raise CatalogError(f"{where}: a [dtypes] table is required")
+    for comp, dt in dtypes.items():
+        if dt not in DTYPES:
+            raise CatalogError(f"{where}: dtypes.{comp} = {dt!r}; expected one of {DTYPES}")
+    size = t.get("approx_size_gb")
+    if size is not None and not isinstance(size, int | float):
+        raise CatalogError(f"{where}: approx_size_gb must be a number")
+    return ModelEntry(
+        name=name,
+        kind=kind,
+        description=str(t.get("description", "")),
+        repo_id=t["repo_id"],
+        revision=t["revision"],
+        license=t["license"],
+        folder=t["folder"],
+        required=tuple(required),
+        allow_patterns=tuple(allow),
+        dtypes=dict(dtypes),
+        approx_size_gb=float(size) if size is not None else None,
+    )
+
+
+def _no_unknown(t: dict, allowed: set[str], where: str) -> None:
+    unknown = set(t) - allowed
+    if unknown:
+        raise CatalogError(f"{where}: unknown keys {sorted(unknown)} (typo?)")
+
+
+def _str_list(t: dict, key: str, where: str) -> list[str]:
+    v = t.get(key)
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+        raise CatalogError(f"{where}: {key} must be a non-empty list of strings")
+    return v
+
+
+def get_entry(name: str, catalog: Mapping[str, ModelEntry]) -> ModelEntry:
+    try:
+        return catalog[name]
+    except KeyError:
+        known = ", ".join(sorted(catalog))
+        raise UnknownModel(f"unknown model {name!r}; known models: {known}", name=name) from None
+
+
+def default_weights_root(environ: Mapping[str, str] | None = None) -> Path:
+    """WAN_VACE_WEIGHTS_DIR, else <WAN_VACE_DATA_DIR>/weights, else ./data/weights.
+
+    For the fetch script's default only; the server passes the root from its settings."""
+    env = os.environ if environ is None else environ
+    if env.get("WAN_VACE_WEIGHTS_DIR"):
+        return Path(env["WAN_VACE_WEIGHTS_DIR"]).expanduser()
+    return Path(env.get("WAN_VACE_DATA_DIR") or "data").expanduser() / "weights"
+
+
+def fetch_command(entry: ModelEntry | str, weights_root: str | os.PathLike[str]) -> str:
+    """The exact shell command that fetches `entry` into `weights_root`."""
+    name = entry if isinstance(entry, str) else entry.name
+    return (
+        f"python scripts/fetch_weights.py {shlex.quote(name)} "
+        f"--weights-dir {shlex.quote(str(Path(weights_root).expanduser()))}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Completeness (cheap: stat only, no hashing)
+
+
+def missing_layout(folder: Path, required: Iterable[str]) -> list[str]:
+    """The `required` pieces absent from `folder` ("x/" = a non-empty sub-folder)."""
+    missing = []
+    for piece in required:
+        p = folder / piece.rstrip("/")
+        if piece.endswith("/"):
+            if not p.is_dir():
+                missing.append(f"{piece} (folder missing)")
+            elif not any(p.iterdir()):
+                missing.append(f"{piece} (folder empty)")
+        elif not p.is_file():
+            missing.append(f"{piece} (file missing)")
+    return missing
+
+
+def check_folder(
+    folder: str | os.PathLike[str],
+    required: Iterable[str] = DIFFUSERS_VACE_LAYOUT,
+    *,
+    require_manifest: bool = True,
+    revision: str | None = None,
+) -> list[str]:
+    """What keeps `folder` from being a complete model folder; [] when it is complete.
+
+    With a manifest, each file it lists must exist with its recorded size. `revision` (a pinned
+    commit) must match the commit the manifest records."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return ["the whole folder (folder missing: nothing has been fetched there)"]
+    missing = missing_layout(folder, required)
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        if require_manifest:
+            missing.append(
+                f"{MANIFEST_NAME} (written when a fetch finishes and every checksum matched; "
+                "the fetch did not finish or was never run)"
+            )
+        return missing
+    try:
+        manifest = read_manifest(folder)
+    except ValueError as e:
+        return missing + [f"{MANIFEST_NAME} (unreadable: {e})"]
+    if revision and _FULL_SHA.fullmatch(revision) and manifest.get("revision") != revision:
+        missing.append(
+            f"revision {revision} (the folder holds {manifest.get('revision') or 'an unknown'} commit)"
+        )
+    for rel, meta in sorted(manifest["files"].items()):
+        p = folder / rel
+        if not p.is_file():
+            missing.append(f"{rel} (listed in the manifest, file missing)")
+        elif p.stat().st_size != meta["size"]:
+            missing.append(f"{rel} (size {p.stat().st_size}, manifest says {meta['size']}: truncated?)")
+    return missing
+
+
+def check_complete(entry: ModelEntry, weights_root: str | os.PathLike[str]) -> list[str]:
+    """The missing pieces of `entry`'s local folder ([] = loadable; always [] for random)."""
+    if not entry.needs_files:
+        return []
+    return check_folder(
+        entry.local_dir(weights_root),
+        entry.required,
+        require_manifest=True,
+        revision=entry.revision,
+    )
+
+
+def not_available_error(
+    entry: ModelEntry, weights_root: str | os.PathLike[str], missing: list[str]
+) -> ModelNotAvailable:
+    cmd = fetch_command(entry, weights_root)
+    folder = entry.local_dir(weights_root)
+    return ModelNotAvailable(
+        f"Model {entry.name!r} is not available in {folder}: missing "
+        + "; ".join(missing)
+        + f". Fetch it with: {cmd}",
+        name=entry.name,
+        missing=missing,
+        fetch_command=cmd,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums and the manifest
+
+
+def file_digests(path: str | os.PathLike[str], *, git_sha1: bool = False) -> tuple[str, str | None]:
+    """(sha256, git blob sha1 or None) of a file, streamed in 8 MB chunks.
+
+    The git blob id is what the Hub reports for files not stored in LFS."""
+    path = Path(path)
+    sha256 = hashlib.sha256()
+    sha1 = None
+    if git_sha1:
+        sha1 = hashlib.sha1()
+        sha1.update(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha256.update(chunk)
+            if sha1 is not None:
+                sha1.update(chunk)
+    return sha256.hexdigest(), sha1.hexdigest() if sha1 is not None else None
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    return file_digests(path)[0]
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """What the Hub says about one file: LFS files carry a sha256, the others a git blob id."""
+
+    path: str
+    size: int | None
+    sha256: str | None = None
+    git_sha1: str | None = None
+
+
+def verify_remote_files(
+    folder: str | os.PathLike[str],
+    remote: Iterable[RemoteFile],
+    *,
+    reference: str = "the Hub",
+    progress=None,
+) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Check every remote file against its local copy in `folder`.
+
+    Returns (problems, manifest files {path: {sha256, size}}); the manifest part is meaningful
+    only when problems is empty."""
+    folder = Path(folder)
+    problems: list[str] = []
+    files: dict[str, dict[str, Any]] = {}
+    for rf in sorted(remote, key=lambda r: r.path):
+        p = folder / rf.path
+        if not p.is_file():
+            problems.append(f"{rf.path}: file missing")
+            continue
+        size = p.stat().st_size
+        if rf.size is not None and size != rf.size:
+            problems.append(f"{rf.path}: size {size}, {reference} says {rf.size}")
+            continue
+        if rf.sha256 is None and rf.git_sha1 is None:
+            problems.append(f"{rf.path}: {reference} gives no checksum for it")
+            continue
+        if progress:
+            progress(rf.path, size)
+        sha256, sha1 = file_digests(p, git_sha1=rf.sha256 is None)
+        if rf.sha256 is not None and sha256 != rf.sha256.lower():
+            problems.append(f"{rf.path}: sha256 {sha256}, {reference} says {rf.sha256} (corrupted)")
+            continue
+        if rf.sha256 is None and sha1 != (rf.git_sha1 or "").lower():
+            problems.append(f"{rf.path}: git blob id {sha1}, {reference} says {rf.git_sha1} (corrupted)")
+            continue
+        files[rf.path] = {"sha256": sha256, "size": size}
+    return problems, files
+
+
+def local_files(folder: str | os.PathLike[str]) -> list[str]:
+    """Every file under `folder` (posix relative paths), minus the manifest and the Hub cache."""
+    folder = Path(folder)
+    out = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder)
+        if rel.parts[0] in (HF_LOCAL_CACHE, MANIFEST_NAME) or not p.is_file():
+            continue
+        out.append(rel.as_posix())
+    return sorted(out)
+
+
+def build_manifest(
+    folder: str | os.PathLike[str],
+    files: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    model: str | None = None,
+    repo_id: str | None = None,
+    revision: str | None = None,
+) -> dict[str, Any]:
+    """A manifest for `folder`; hashes every local file when `files` is not given."""
+    if files is None:
+        files = {}
+        for rel in local_files(folder):
+            p = Path(folder) / rel
+            files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    return {
+        "format": MANIFEST_FORMAT,
+        "model": model,
+        "repo_id": repo_id,
+        "revision": revision,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "files": {k: {"sha256": v["sha256"], "size": int(v["size"])} for k, v in sorted(files.items())},
+    }
+
+
+def write_manifest(folder: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Path:
+    """Write atomically, so a crash never leaves a half-written manifest that looks complete."""
+    path = Path(folder) / MANIFEST_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(str(e)) from None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(m, dict) and isinstance(m.get("sha256"), str) and isinstance(m.get("size"), int)
+        for m in files.values()
+    ):
+        raise ValueError("no valid 'files' table ({path: {sha256, size}})")
+    return data
+
+
+def verify_manifest(folder: str | os.PathLike[str], *, progress=None) -> list[str]:
+    """Re-hash every file the manifest lists (offline). [] = intact."""
+    folder = Path(folder)
+    if not (folder / MANIFEST_NAME).is_file():
+        return [f"{MANIFEST_NAME}: missing (the fetch did not finish or was never run)"]
+    try:
+        manifest = read_manifest(folder)
+    except ValueError as e:
+        return [f"{MANIFEST_NAME}: unreadable ({e})"]
+    remote = [
+        RemoteFile(path=rel, size=m["size"], sha256=m["sha256"]) for rel, m in manifest["files"].items()
+    ]
+    problems, _ = verify_remote_files(folder, remote, reference="the manifest", progress=progress)
+    return problems

@@ -1,0 +1,160 @@
+"""The registry of preprocessors, keyed by the API's `task` value.
+
+It is the single place that lists every task the server knows: the ones it can run now
+(`available_tasks()`) and the ones it knows but cannot run yet (`known_tasks()` minus those).
+Looking up a known-but-missing task raises `NotSupportedYet` with a message that says what is
+missing and what the caller can do instead; an unknown task raises it too, naming the task.
+
+Every preprocessor has one call signature (see `Preprocessor`). Entries are registered as
+*factories* and built on first lookup, then cached: model-backed preprocessors (depth, pose,
+flow ...) register a factory that imports torch and their model library only when called, and
+load their weights lazily, so importing this module stays cheap (numpy only) and the HTTP
+process never pays for a model it does not run.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.errors import NotSupportedYet
+
+
+class Preprocessor:
+    """Base class (and the protocol) of every preprocessor.
+
+    `__call__(frames, mask) -> (frames, mask)`:
+    - `frames`: uint8 (F, H, W, 3) RGB, already at the target size.
+    - `mask`: uint8 (F, H, W) with values exactly 0 or 255 (255 = generate), or None.
+    Returns frames of the same shape and dtype (RGB uint8) and the mask, possibly changed
+    (or None). Implementations must not modify their inputs in place.
+    """
+
+    name: str = ""
+    # True when the task cannot run without a mask (the builder then refuses a request that
+    # gives none, before any work).
+    needs_mask: bool = False
+
+    def __call__(
+        self, frames: np.ndarray, mask: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+
+Factory = Callable[[], Preprocessor]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    # None: the task is known but its preprocessor is not implemented/installed yet.
+    factory: Factory | None
+    # What runs for this task, in words (used in messages), e.g. "MiDaS depth".
+    description: str
+
+
+_lock = threading.Lock()
+_entries: dict[str, _Entry] = {}
+_instances: dict[str, Preprocessor] = {}
+
+
+def register(name: str, factory: Factory, *, description: str = "") -> None:
+    """Register (or replace) the factory for `task == name`.
+
+    The factory takes no arguments and returns a `Preprocessor`; it is called once, on the first
+    `get_preprocessor(name)`. Model-backed preprocessors should import their heavy libraries
+    inside the factory and load weights lazily. Replacing an entry drops its cached instance.
+    """
+    if not name:
+        raise ValueError("a preprocessor needs a non-empty task name")
+    with _lock:
+        old = _entries.get(name)
+        _entries[name] = _Entry(name, factory, description or (old.description if old else name))
+        _instances.pop(name, None)
+
+
+def register_planned(name: str, description: str) -> None:
+    """Declare a task the server knows but cannot run yet: looking it up raises NotSupportedYet."""
+    with _lock:
+        _entries[name] = _Entry(name, None, description)
+        _instances.pop(name, None)
+
+
+def get_preprocessor(task: str) -> Preprocessor:
+    """The (cached) preprocessor for `task`; raises NotSupportedYet for unknown or missing ones."""
+    with _lock:
+        entry = _entries.get(task)
+        if entry is None:
+            raise NotSupportedYet(
+                f"task {task!r} is not supported by this server; "
+                f"supported tasks: {', '.join(_available_locked())}"
+            )
+        if entry.factory is None:
+            raise NotSupportedYet(
+                f"task {task!r} is not supported yet by this server: its preprocessor "
+                f"({entry.description}) is not installed; use task 'none' with an already-made "
+                "control video, or omit video"
+            )
+        inst = _instances.get(task)
+        if inst is None:
+            inst = entry.factory()
+            _instances[task] = inst
+        return inst
+
+
+def _available_locked() -> list[str]:
+    return [n for n, e in _entries.items() if e.factory is not None]
+
+
+def available_tasks() -> list[str]:
+    """Tasks that can run now, in registration order."""
+    with _lock:
+        return _available_locked()
+
+
+def known_tasks() -> list[str]:
+    """Every task the server knows (runnable or not yet), in registration order."""
+    with _lock:
+        return list(_entries)
+
+
+def is_known(task: str) -> bool:
+    with _lock:
+        return task in _entries
+
+
+def clear_cache() -> None:
+    """Drop every built preprocessor (frees model weights; the next lookup builds again)."""
+    with _lock:
+        _instances.clear()
+
+
+def _register_builtins() -> None:
+    # Factories import lazily so that this module never imports anything heavy.
+    def _basic(cls_name: str) -> Factory:
+        def make() -> Preprocessor:
+            from preprocessors import basic
+
+            return getattr(basic, cls_name)()
+
+        return make
+
+    register("none", _basic("NonePreprocessor"), description="the video as given")
+    register("gray", _basic("GrayPreprocessor"), description="grayscale")
+    register("inpainting", _basic("InpaintingPreprocessor"), description="masked pixels to gray")
+    # Known tasks whose model-backed preprocessors come later (preprocessors.md "Decisions").
+    # WaveSpeed's documented values are depth (its default), pose, face, inpainting, none; the
+    # others are official VACE tasks.
+    register_planned("depth", "MiDaS depth")
+    register_planned("pose", "DWPose body and face pose")
+    register_planned("face", "insightface face crop")
+    register_planned("flow", "RAFT optical flow")
+    register_planned("scribble", "anime-style scribble network")
+    register_planned("depthv2", "Depth-Anything-V2 depth")
+    register_planned("pose_body", "DWPose body pose")
+
+
+_register_builtins()

@@ -1,0 +1,553 @@
+"""Fetching a job's media inputs (URLs and `data:` URIs) in the worker process.
+
+The URLs come from API callers, so every fetch is a potential server-side request forgery: a
+caller could point `video` at a cloud metadata endpoint or an admin page on the private network
+and read the answer back through the generated video. The guards, in order:
+
+1. Only `http`/`https` (and `data:`, decoded locally) are accepted.
+2. Every host, on the first request and on every redirect hop, is resolved here and refused if
+   ANY of its addresses is loopback, private, link-local, CGNAT, multicast, reserved, ...
+   (`WAN_VACE_ALLOW_PRIVATE_URLS=true` turns this off for on-prem networks and tests).
+3. The TCP connection itself is made by `_GuardedBackend` to one of the addresses it just
+   resolved and vetted, never by a second, independent DNS lookup. That closes the DNS-rebinding
+   gap (a name that answers "public" to the check and "127.0.0.1" to the connect). The peer
+   address of the open connection is checked once more as defence in depth.
+4. Redirects are followed by hand, so each hop goes through 2 and 3; the hop count is capped.
+5. The body is streamed with a byte cap (and `Content-Length` is checked up front), under
+   per-read timeouts and an overall deadline, so a slow or endless answer cannot pin a worker.
+
+Error text: every failure is a `MediaAccessError` whose message names the field. WaveSpeed SDKs
+re-submit (paid) tasks whose error text contains "HTTP 5", "429", "timeout" or "connection"
+(see server/errors.py), so deterministic failures never use those words, and URLs are echoed
+only in a shortened form that is checked for them (a URL can contain "429" by chance). Genuinely
+transient failures (remote 5xx/429, timeouts, a dropped transfer) raise
+`MediaTemporarilyUnavailable`, which is retryable.
+
+No FastAPI or torch here: this runs inside the worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import ipaddress
+import re
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import unquote_to_bytes
+
+import httpcore
+import httpx
+
+from server.errors import MediaAccessError
+
+__all__ = [
+    "AddressRefused",
+    "FetchPolicy",
+    "MediaTemporarilyUnavailable",
+    "fetch_media",
+    "guarded_client",
+    "is_forbidden_address",
+]
+
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_USER_AGENT = "wan-vace-server (media fetch)"
+# Substrings that make WaveSpeed SDKs re-submit a failed task (server/errors.py).
+_RETRY_MARKERS = ("http 5", "429", "timeout", "connection")
+_PRIVATE_HINT = "which is refused; set WAN_VACE_ALLOW_PRIVATE_URLS=true to allow it"
+
+
+class MediaTemporarilyUnavailable(MediaAccessError):
+    """The media could not be fetched for a reason that may go away (remote 5xx/429, a timeout,
+    a dropped transfer): running the job again may succeed."""
+
+    retryable = True
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    max_bytes: int  # cap enforced WHILE streaming (also on Content-Length up front)
+    timeout_s: float = 30.0  # connect/read timeouts (and an overall deadline)
+    allow_private: bool = False  # WAN_VACE_ALLOW_PRIVATE_URLS
+    max_redirects: int = 5
+    # Whole-download deadline, redirects included. None -> 10 x timeout_s: timeout_s alone would
+    # fail a legitimate 100 MB video on a modest link, while no deadline at all would let a
+    # server that drips one byte per read hold a worker forever.
+    total_timeout_s: float | None = None
+
+    @property
+    def deadline_s(self) -> float:
+        return self.total_timeout_s if self.total_timeout_s is not None else 10 * self.timeout_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Address policy
+
+
+# Ranges `ipaddress` does not already flag as non-global on every Python version we support.
+_EXTRA_FORBIDDEN = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",  # "this network"; 0.0.0.0 reaches the local host on Linux
+        "100.64.0.0/10",  # carrier-grade NAT (often internal cloud networks)
+        "192.0.0.0/24",  # IETF protocol assignments
+        "198.18.0.0/15",  # benchmarking
+        "240.0.0.0/4",  # reserved, incl. broadcast
+        "64:ff9b:1::/48",  # local-use NAT64
+    )
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def is_forbidden_address(ip: str) -> bool:
+    """True if `ip` must not be fetched from unless private URLs are allowed: anything that is
+    not a plain public unicast address. Unparseable input is forbidden (fail closed)."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])  # drop an IPv6 zone ("fe80::1%eth0")
+    except ValueError:
+        return True
+    if isinstance(addr, ipaddress.IPv6Address):
+        # IPv4-mapped (::ffff:a.b.c.d) and NAT64 (64:ff9b::a.b.c.d) addresses reach exactly the
+        # embedded IPv4 host: judge that one alone.
+        if addr.ipv4_mapped is not None:
+            return is_forbidden_address(str(addr.ipv4_mapped))
+        if addr in _NAT64:
+            return is_forbidden_address(str(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)))
+        # 6to4 and Teredo carry an IPv4 address too: refuse if that one is forbidden, then still
+        # judge the IPv6 address itself below.
+        embedded = addr.sixtofour or (addr.teredo[1] if addr.teredo is not None else None)
+        if embedded is not None and is_forbidden_address(str(embedded)):
+            return True
+    return (
+        not addr.is_global
+        or addr.is_private
+        or addr.is_loopback
+        or addr.is_link_local
+        or addr.is_multicast
+        or addr.is_reserved
+        or addr.is_unspecified
+        or any(addr in net for net in _EXTRA_FORBIDDEN if net.version == addr.version)
+    )
+
+
+def _resolve(host: str) -> list[str]:
+    """All addresses `host` resolves to (an IP literal resolves to itself). Module-level so tests
+    can stand in for DNS."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    seen: dict[str, None] = {}
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        seen.setdefault(str(sockaddr[0]), None)
+    return list(seen)
+
+
+class _Unresolvable(Exception):
+    def __init__(self, host: str, temporary: bool = False):
+        super().__init__(host)
+        self.host = host
+        self.temporary = temporary  # the resolver said "try again" (EAI_AGAIN)
+
+
+class AddressRefused(Exception):
+    """Raised by a `guarded_client()` connection to a forbidden address (`ip`) of `host`."""
+
+    def __init__(self, host: str, ip: str):
+        super().__init__(host, ip)
+        self.host = host
+        self.ip = ip
+
+
+def _vetted_addresses(host: str, allow_private: bool) -> list[str]:
+    """Resolve `host` and return its addresses, refusing the host if ANY address is forbidden
+    (a name with one public and one private address must not be usable to reach the private
+    one by chance of ordering)."""
+    try:
+        addresses = _resolve(host)
+    except socket.gaierror as exc:
+        raise _Unresolvable(host, temporary=exc.errno == socket.EAI_AGAIN) from None
+    except (UnicodeError, OSError):
+        raise _Unresolvable(host) from None
+    if not addresses:
+        raise _Unresolvable(host)
+    if not allow_private:
+        for ip in addresses:
+            if is_forbidden_address(ip):
+                raise AddressRefused(host, ip)
+    return addresses
+
+
+class _GuardedBackend(httpcore.NetworkBackend):
+    """httpcore network backend that connects only to addresses it resolved and vetted itself,
+    so the address checked is the address connected to (no second DNS lookup to rebind)."""
+
+    def __init__(self, allow_private: bool):
+        self._allow_private = allow_private
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        try:
+            addresses = _vetted_addresses(host, self._allow_private)
+        except _Unresolvable:
+            raise httpcore.ConnectError(f"could not resolve {host}") from None
+        last_error: Exception | None = None
+        for ip in addresses:
+            try:
+                return self._inner.connect_tcp(
+                    ip, port, timeout=timeout, local_address=local_address,
+                    socket_options=socket_options,
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last_error = exc  # try the host's next address, as a resolver-based client would
+        assert last_error is not None
+        raise last_error
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):  # pragma: no cover
+        raise httpcore.ConnectError("unix sockets are not used for media fetches")
+
+    def sleep(self, seconds: float) -> None:  # pragma: no cover - only used by pool retries
+        self._inner.sleep(seconds)
+
+
+class _GuardedTransport(httpx.HTTPTransport):
+    """httpx's transport with its connection pool rebuilt on `_GuardedBackend`. httpx has no
+    public knob for the network backend, so this replaces the (long-stable) `_pool` attribute
+    and fails loudly if a future httpx changes it."""
+
+    def __init__(self, allow_private: bool):
+        ssl_context = _ssl_context()
+        super().__init__(verify=ssl_context, trust_env=False, retries=0)
+        if not isinstance(getattr(self, "_pool", None), httpcore.ConnectionPool):
+            raise RuntimeError("httpx.HTTPTransport internals changed; update server/fetch.py")
+        self._pool.close()
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=ssl_context,
+            max_connections=1,
+            network_backend=_GuardedBackend(allow_private),
+        )
+
+
+def guarded_client(*, allow_private: bool, timeout: float) -> httpx.Client:
+    """An httpx client with the same connect-time address guard as `fetch_media`, for other
+    outbound requests to caller-chosen URLs (webhooks). It never follows redirects and ignores
+    proxy/netrc environment settings. A forbidden address raises `AddressRefused`; a name that
+    does not resolve raises httpx.ConnectError."""
+    return httpx.Client(transport=_GuardedTransport(allow_private), trust_env=False,
+                        follow_redirects=False, timeout=timeout)
+
+
+@functools.lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    """Built once (loading the CA bundle takes ~0.1 s). trust_env=True only makes it honour
+    SSL_CERT_FILE / SSL_CERT_DIR, for on-prem certificate authorities."""
+    return httpx.create_ssl_context(trust_env=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+
+
+def _human_bytes(n: int) -> str:
+    if n >= 1_000_000:
+        return f"{n / 1_000_000:g} MB"
+    if n >= 1_000:
+        return f"{n / 1_000:g} kB"
+    return f"{n} bytes"
+
+
+def _has_retry_marker(text: str) -> bool:
+    low = text.lower()
+    return any(m in low for m in _RETRY_MARKERS)
+
+
+def _safe(text: str, fallback: str) -> str:
+    """`text` (a host, an address) for an error message, or `fallback` if it contains a marker."""
+    return fallback if _has_retry_marker(text) else text
+
+
+def _url_for_message(url: str) -> str:
+    """A short, safe rendering of a URL for error text: no query string or fragment (presigned
+    URLs carry credentials there), no user info, at most ~100 characters, and never a retry
+    marker (falls back to the bare origin, then to "the URL")."""
+    if url[:5].lower() == "data:":
+        return "the data: URI"
+    try:
+        parsed = httpx.URL(url)
+        origin = f"{parsed.scheme}://{parsed.host}" + (f":{parsed.port}" if parsed.port else "")
+        full = origin + parsed.path
+    except Exception:
+        return "the URL"
+    if len(full) > 100:
+        full = full[:97] + "..."
+    for candidate in (full, origin):
+        if not _has_retry_marker(candidate):
+            return candidate
+    return "the URL"
+
+
+def _fail(field: str, what: str) -> MediaAccessError:
+    return MediaAccessError(f"{field}: {what}")
+
+
+def _too_large(field: str, policy: FetchPolicy) -> MediaAccessError:
+    return _fail(field, f"larger than the {_human_bytes(policy.max_bytes)} limit")
+
+
+# ---------------------------------------------------------------------------------------------
+# data: URIs
+
+_DATA_URI = re.compile(r"^data:(?P<meta>[^,]*),(?P<payload>.*)$", re.DOTALL | re.IGNORECASE)
+
+
+def _decode_data_uri(url: str, field: str, policy: FetchPolicy) -> bytes:
+    m = _DATA_URI.match(url)
+    if m is None:
+        raise _fail(field, "malformed data: URI (expected data:<type>;base64,<data>)")
+    meta = m.group("meta").lower().split(";")
+    payload = m.group("payload")
+    if "base64" in (p.strip() for p in meta[1:]):
+        # Base64 expands 3 bytes to 4: refuse before decoding anything clearly oversized (10%
+        # slack for line breaks and percent-encoding; the exact check follows the decode).
+        if len(payload) * 3 // 4 > policy.max_bytes * 1.1 + 3:
+            raise _too_large(field, policy)
+        if "%" in payload:  # some clients percent-encode '+', '/' and '='
+            payload = unquote_to_bytes(payload).decode("ascii", "replace")
+        payload = "".join(payload.split())
+        if "-" in payload or "_" in payload:
+            payload = payload.replace("-", "+").replace("_", "/")  # URL-safe alphabet
+        payload += "=" * (-len(payload) % 4)  # tolerate stripped padding
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise _fail(field, "the data: URI is not valid base64") from None
+    else:
+        if len(payload) // 3 > policy.max_bytes:  # each byte takes 1 to 3 characters
+            raise _too_large(field, policy)
+        data = unquote_to_bytes(payload)
+    if len(data) > policy.max_bytes:
+        raise _too_large(field, policy)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+
+def _check_hop(url: str, field: str, policy: FetchPolicy, *, hop: int, first_url: str) -> httpx.URL:
+    """Validate one URL of the redirect chain before any request is sent to it: scheme, host,
+    and (unless private URLs are allowed) every address the host resolves to."""
+    try:
+        parsed = httpx.URL(url)
+    except Exception:
+        raise _fail(field, f"not a valid URL: {_url_for_message(url)}") from None
+    scheme = parsed.scheme.lower()
+    if hop == 0 and scheme not in ("http", "https"):
+        if not scheme:
+            raise _fail(field, "not a URL (expected http://, https:// or a data: URI)")
+        raise _fail(field, f"unsupported URL scheme '{scheme}'; use http(s) or a data: URI")
+    if hop > 0 and scheme not in ("http", "https"):
+        raise _fail(
+            field,
+            f"{_url_for_message(first_url)} redirects to an unsupported URL scheme '{scheme}'",
+        )
+    if not parsed.host:
+        raise _fail(field, f"URL has no host: {_url_for_message(url)}")
+    try:
+        _vetted_addresses(parsed.host, policy.allow_private)
+    except _Unresolvable as exc:
+        raise _unresolvable_error(field, exc) from None
+    except AddressRefused as exc:
+        raise _forbidden_error(field, exc, hop=hop, first_url=first_url) from None
+    return parsed
+
+
+def _unresolvable_error(field: str, exc: _Unresolvable) -> MediaAccessError:
+    what = f"could not resolve the host name {_safe(repr(exc.host), 'of the URL')}"
+    if exc.temporary:
+        return MediaTemporarilyUnavailable(f"{field}: {what} (the DNS server asked to retry)")
+    return _fail(field, what)
+
+
+def _forbidden_error(
+    field: str, exc: AddressRefused, *, hop: int, first_url: str
+) -> MediaAccessError:
+    if hop == 0:
+        return _fail(
+            field,
+            f"URL resolves to a private or loopback address ({_safe(exc.ip, 'not shown')}), "
+            f"{_PRIVATE_HINT}",
+        )
+    return _fail(
+        field,
+        f"{_url_for_message(first_url)} redirects to {_safe(exc.host, 'a host')}, which resolves "
+        f"to a private or loopback address ({_safe(exc.ip, 'not shown')}), {_PRIVATE_HINT}",
+    )
+
+
+def _peer_ip(response: httpx.Response) -> str | None:
+    stream = response.extensions.get("network_stream")
+    if stream is None:
+        return None
+    try:
+        addr = stream.get_extra_info("server_addr")
+    except Exception:
+        return None
+    if isinstance(addr, tuple) and addr:
+        return str(addr[0])
+    return None
+
+
+def _status_error(field: str, url: str, status: int) -> MediaAccessError:
+    where = f"could not download {_url_for_message(url)}"
+    if status == 429:
+        return MediaTemporarilyUnavailable(
+            f"{field}: {where}: the server answered 429 (too many requests); try again later"
+        )
+    if status >= 500:
+        return MediaTemporarilyUnavailable(
+            f"{field}: {where}: the server answered {status} (temporarily unavailable)"
+        )
+    # 4xx: deterministic. The bare status number is safe: only 429 is a marker and it is above.
+    return _fail(field, f"{where}: the server answered {status}")
+
+
+def fetch_media(
+    url: str,
+    field: str,
+    policy: FetchPolicy,
+    *,
+    local_resolver: Callable[[str], bytes | None] | None = None,
+) -> bytes:
+    """Return the bytes behind `url` (an http(s) URL or a `data:` URI) for the request field
+    `field` (e.g. "images[1]"), or raise MediaAccessError naming that field.
+
+    `local_resolver(url)` may recognise this server's own media URLs (uploads, earlier outputs)
+    and return their bytes from storage: no HTTP, and no private-address refusal for ourselves.
+    """
+    url = url.strip()
+    if url[:5].lower() == "data:":
+        return _decode_data_uri(url, field, policy)
+
+    if local_resolver is not None:
+        local = local_resolver(url)
+        if local is not None:
+            if len(local) > policy.max_bytes:
+                raise _too_large(field, policy)
+            return local
+
+    started = time.monotonic()
+    timeout = httpx.Timeout(policy.timeout_s)
+    headers = {"User-Agent": _USER_AGENT, "Accept": "*/*", "Accept-Encoding": "identity"}
+    transport = _GuardedTransport(policy.allow_private)
+    # trust_env=False: environment proxies would route around the guarded transport (and make
+    # the peer check meaningless); .netrc credentials must not leak to caller-chosen hosts.
+    with httpx.Client(transport=transport, trust_env=False, follow_redirects=False,
+                      timeout=timeout, headers=headers) as client:
+        current = url
+        for hop in range(policy.max_redirects + 1):
+            parsed = _check_hop(current, field, policy, hop=hop, first_url=url)
+            try:
+                result = _get_once(client, parsed, field, url, policy, started, hop)
+            except MediaAccessError:
+                raise
+            except AddressRefused as exc:  # the connect-time re-resolution disagreed (rebinding)
+                raise _forbidden_error(field, exc, hop=hop, first_url=url) from None
+            except httpx.TimeoutException:
+                raise MediaTemporarilyUnavailable(
+                    f"{field}: downloading {_url_for_message(url)} timed out after "
+                    f"{policy.timeout_s:g} s without data"
+                ) from None
+            except httpx.ConnectError as exc:
+                raise _connect_failure(field, parsed, exc) from None
+            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError):
+                raise MediaTemporarilyUnavailable(
+                    f"{field}: the server of {_url_for_message(url)} dropped the transfer "
+                    "before it was complete"
+                ) from None
+            except httpx.HTTPError as exc:
+                raise _fail(
+                    field, f"could not download {_url_for_message(url)} ({type(exc).__name__})"
+                ) from None
+            if isinstance(result, bytes):
+                return result
+            current = result  # the next hop's absolute URL
+        raise _fail(
+            field,
+            f"{_url_for_message(url)} redirects more than {policy.max_redirects} times",
+        )
+
+
+def _connect_failure(field: str, parsed: httpx.URL, exc: Exception) -> MediaAccessError:
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    where = _safe(f"{parsed.host}:{port}", "the host of the URL")
+    text = str(exc).lower()
+    if "certificate" in text or "ssl" in text or "tls" in text:
+        return _fail(field, f"the TLS certificate of {where} could not be verified")
+    if "refused" in text:
+        return _fail(field, f"nothing is accepting requests at {where}")
+    return _fail(field, f"could not reach {where}")
+
+
+def _get_once(
+    client: httpx.Client,
+    target: httpx.URL,
+    field: str,
+    first_url: str,
+    policy: FetchPolicy,
+    started: float,
+    hop: int,
+) -> bytes | str:
+    """One GET. Returns the body, or the absolute URL of the next hop for a redirect."""
+    remaining = policy.deadline_s - (time.monotonic() - started)
+    if remaining <= 0:
+        raise _deadline_error(field, first_url, policy)
+    per_read = min(policy.timeout_s, remaining)
+    with client.stream("GET", target, timeout=httpx.Timeout(per_read)) as response:
+        peer = _peer_ip(response)
+        if peer is not None and not policy.allow_private and is_forbidden_address(peer):
+            raise _forbidden_error(
+                field, AddressRefused(target.host, peer), hop=hop, first_url=first_url
+            )
+        status = response.status_code
+        if status in _REDIRECT_STATUSES:
+            location = response.headers.get("location")
+            if not location:
+                raise _fail(
+                    field, f"{_url_for_message(first_url)} answered {status} without a Location"
+                )
+            try:
+                return str(target.join(location))
+            except Exception:
+                raise _fail(
+                    field, f"{_url_for_message(first_url)} redirects to an invalid URL"
+                ) from None
+        if status >= 400 or status < 200:
+            raise _status_error(field, first_url, status)
+        if 300 <= status < 400:  # 300, 304, 305...: nothing to follow
+            raise _fail(field, f"could not download {_url_for_message(first_url)}: the server "
+                               f"answered {status}")
+
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.strip().isdigit():
+            if int(declared) > policy.max_bytes:
+                raise _too_large(field, policy)
+
+        chunks: list[bytes] = []
+        received = 0
+        for chunk in response.iter_bytes():
+            received += len(chunk)
+            if received > policy.max_bytes:
+                raise _too_large(field, policy)
+            chunks.append(chunk)
+            if time.monotonic() - started > policy.deadline_s:
+                raise _deadline_error(field, first_url, policy)
+        return b"".join(chunks)
+
+
+def _deadline_error(field: str, url: str, policy: FetchPolicy) -> MediaTemporarilyUnavailable:
+    return MediaTemporarilyUnavailable(
+        f"{field}: downloading {_url_for_message(url)} timed out (took longer than "
+        f"{policy.deadline_s:g} s)"
+    )

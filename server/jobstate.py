@@ -1,0 +1,72 @@
+"""The job state machine: states, events and legal transitions. Pure: no I/O, no FastAPI, no
+SQL, no torch, so it is tested in microseconds and the stores cannot disagree about it.
+
+    created ──claim──▶ processing ──complete──▶ completed
+       │                  │ │ └────fail──────▶ failed
+       │                  │ └──cancel────────▶ cancelled
+       │                  └──lease_lost──▶ created (attempts left) | failed (none left)
+       ├──cancel──▶ cancelled
+       └──fail────▶ failed      (e.g. expired before any worker could run it)
+
+`created` is WaveSpeed's name for "queued"; clients treat every non-terminal status as "keep
+polling", and only `completed`, `failed`, `cancelled` end a poll loop (contract §1.3).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class State(str, Enum):
+    CREATED = "created"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED})
+
+
+class Event(str, Enum):
+    CLAIM = "claim"
+    COMPLETE = "complete"
+    FAIL = "fail"
+    CANCEL = "cancel"
+    LEASE_LOST = "lease_lost"  # worker died or stopped renewing
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+_TABLE: dict[tuple[State, Event], State] = {
+    (State.CREATED, Event.CLAIM): State.PROCESSING,
+    (State.CREATED, Event.CANCEL): State.CANCELLED,
+    (State.CREATED, Event.FAIL): State.FAILED,
+    (State.PROCESSING, Event.COMPLETE): State.COMPLETED,
+    (State.PROCESSING, Event.FAIL): State.FAILED,
+    (State.PROCESSING, Event.CANCEL): State.CANCELLED,
+}
+
+
+def next_state(state: State, event: Event, *, attempts: int = 0, max_attempts: int = 1) -> State:
+    """The state after `event`, or IllegalTransition.
+
+    A lost lease re-queues the job while attempts remain (`attempts` counts claims so far),
+    otherwise fails it: a job is never left `processing` without a live owner.
+    """
+    if state is State.PROCESSING and event is Event.LEASE_LOST:
+        return State.CREATED if attempts < max_attempts else State.FAILED
+    try:
+        return _TABLE[(state, event)]
+    except KeyError:
+        raise IllegalTransition(f"{event.value} is not allowed in state {state.value}") from None
+
+
+def allowed(state: State, event: Event) -> bool:
+    return (state, event) in _TABLE or (state is State.PROCESSING and event is Event.LEASE_LOST)

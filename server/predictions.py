@@ -1,0 +1,87 @@
+"""The prediction object: how a stored job looks on the wire (contract §4), in poll answers,
+sync-mode answers and webhook bodies. No FastAPI here, so the worker builds webhook bodies with
+the same code.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timezone
+from typing import Any
+
+from server.jobstate import State
+from server.storage import LocalStorage
+from server.store import Job
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="microseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def result_url(base_url: str, job_id: str) -> str:
+    return f"{base_url.rstrip('/')}/api/v3/predictions/{job_id}/result"
+
+
+def prediction_object(
+    job: Job,
+    base_url: str,
+    *,
+    storage: LocalStorage | None = None,
+    include_input: bool = False,
+) -> dict[str, Any]:
+    """The `data` object for a job. Outputs are absolute URLs on `base_url`, or bare base64
+    strings when the job asked for `enable_base64_output` (then `storage` must be given)."""
+    completed = job.status is State.COMPLETED
+    keys = job.outputs if completed else []
+    if completed and job.input.get("enable_base64_output") and storage is not None:
+        outputs = [base64.b64encode(storage.read_bytes(k)).decode("ascii") for k in keys]
+    else:
+        outputs = [LocalStorage.url(base_url, k) for k in keys]
+    inference_ms = job.inference_ms or 0
+    data: dict[str, Any] = {
+        "id": job.id,
+        "model": job.model,
+        "outputs": outputs,
+        "urls": {"get": result_url(base_url, job.id)},
+        # One per output (contract §4); the safety checker itself is not built yet, which
+        # `safety_checked` and /health say instead of pretending.
+        "has_nsfw_contents": list(job.has_nsfw) if completed else [],
+        "status": job.status.value,
+        "created_at": rfc3339(job.created_at),
+        "error": job.error if job.status in (State.FAILED, State.CANCELLED) else "",
+        "code": job.code if job.status is State.FAILED else 0,
+        "executionTime": inference_ms,
+        "timings": {"inference": inference_ms},
+        # Extensions: extra fields are safe for every client read (contract §8).
+        "progress": round(job.progress, 4),
+        "attempts": job.attempts,
+    }
+    if job.seed is not None:
+        data["seed"] = job.seed
+    if completed:
+        data["safety_checked"] = bool(job.extra.get("safety_checked", False))
+        cond = job.extra.get("conditioning")
+        if cond:
+            data["conditioning"] = _conditioning_urls(cond, base_url)
+    if include_input:
+        data["input"] = job.input
+    return data
+
+
+def _conditioning_urls(cond: dict[str, Any], base_url: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in cond.items():
+        if isinstance(value, list):
+            out[name] = [LocalStorage.url(base_url, k) for k in value]
+        elif isinstance(value, str) and "/" in value:
+            out[name] = LocalStorage.url(base_url, value)
+        else:
+            out[name] = value
+    return out
+
+
+def success(data: Any) -> dict[str, Any]:
+    """The success envelope: never a top-level `error` key, never `data: null` (contract §9)."""
+    return {"code": 200, "message": "success", "data": data}

@@ -1,0 +1,28 @@
+"""Serves outputs, uploads and inline inputs from storage at /media/{key}. No API key: keys
+carry a random token, and media players and browsers cannot send bearer headers."""
+
+from __future__ import annotations
+
+import mimetypes
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+
+from server.app import state_of
+from server.errors import ApiError
+
+router = APIRouter()
+
+
+@router.get("/media/{key:path}")
+@router.head("/media/{key:path}")
+def media(key: str, request: Request) -> FileResponse:
+    st = state_of(request)
+    try:
+        path = st.storage.path(key)
+    except KeyError:
+        raise ApiError(404, "media not found") from None
+    if not path.is_file():
+        raise ApiError(404, "media not found")
+    ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return FileResponse(path, media_type=ctype)

@@ -1,0 +1,47 @@
+"""Discovery and platform endpoints that WaveSpeed's CLI, desktop app and MCP servers call
+(contract §3.6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from server.app import state_of
+from server.predictions import success
+from server.schemas import request_schema
+from server.settings import MODEL_ID
+from server.webhooks import webhook_secret
+
+router = APIRouter()
+
+
+@router.get("/api/v3/models")
+def models(request: Request) -> dict[str, Any]:
+    st = state_of(request)
+    st.auth.check(request)
+    return success(
+        [
+            {
+                "model_id": MODEL_ID,
+                "name": "Wan 2.1 VACE (self-hosted)",
+                "description": (
+                    "Wan 2.1 VACE all-in-one video creation and editing: reference-to-video, "
+                    "control video, masked editing, first/last frame, extension. "
+                    f"Served model: {st.settings.model}."
+                ),
+                "type": "video-generation",
+                "base_price": 0,
+                "formula": "",
+                "api_schema": {"api_schemas": [{"type": "model_run", "request_schema": request_schema()}]},
+            }
+        ]
+    )
+
+
+@router.get("/api/v3/webhook/secret")
+def secret(request: Request) -> dict[str, Any]:
+    st = state_of(request)
+    st.auth.check(request)
+    s = webhook_secret(st.store)
+    return success({"secret": s, "webhook_secret": s})

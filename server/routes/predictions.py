@@ -1,0 +1,210 @@
+"""Submit, poll, cancel and history (contract §3.1-3.3, §3.6)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from server.app import AppState, state_of
+from server.errors import CODE_TIMEOUT, ApiError, bad_request
+from server.inputs import store_inline_media
+from server.jobstate import State
+from server.predictions import prediction_object, success
+from server.schemas import validate_submit
+from server.settings import MODEL_ID
+from server.store import IdempotencyConflict, Job, NewJob, QueueFull
+
+log = logging.getLogger("wan_vace.api")
+router = APIRouter()
+
+_BASE64_WEBHOOK = (
+    "webhook callback does not support base64 output, please use the normal API to use base64 output"
+)
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        raise bad_request("the request body must be a JSON object")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON ({e})") from None
+
+
+def _data(st: AppState, request: Request, job: Job) -> dict[str, Any]:
+    return prediction_object(job, st.base_url(request), storage=st.storage)
+
+
+@router.post(f"/api/v3/{MODEL_ID}")
+@router.post(f"/api/v2/{MODEL_ID}")
+async def submit(request: Request) -> dict[str, Any]:
+    st = state_of(request)
+    st.auth.check(request)
+    body = await _json_body(request)
+    inp, ignored = validate_submit(body)
+    if ignored:
+        log.info("submit: ignored unknown fields %s", ", ".join(sorted(ignored)))
+    webhook = request.query_params.get("webhook") or inp.get("webhook_url")
+    if webhook and inp["enable_base64_output"]:
+        raise ApiError(400, _BASE64_WEBHOOK)
+    if webhook and not webhook.lower().startswith(("http://", "https://")):
+        raise bad_request("webhook must be an http(s) URL")
+    inp["webhook_url"] = webhook or None
+
+    job_id = secrets.token_hex(16)
+    base = st.base_url(request)
+    key = request.headers.get("idempotency-key")
+    # The hash is over the body as sent, so a retried POST matches byte-for-byte-equal JSON.
+    req_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() if key else None
+    s = st.settings
+    limits = {"image": s.max_image_bytes, "video": s.max_video_bytes}
+
+    def create() -> tuple[Job, bool]:
+        stored = store_inline_media(inp, job_id, st.storage, base, limits)
+        return st.store.create(
+            NewJob(
+                id=job_id,
+                model=MODEL_ID,
+                input=stored,
+                base_url=base,
+                max_attempts=s.max_attempts,
+                webhook_url=inp["webhook_url"],
+                idempotency_key=key,
+                request_hash=req_hash,
+            ),
+            max_queue=s.max_queue,
+        )
+
+    try:
+        job, _created = await run_in_threadpool(create)
+    except QueueFull:
+        raise ApiError(
+            429, f"The queue is full ({s.max_queue} jobs waiting); retry later.", headers={"Retry-After": "5"}
+        ) from None
+    except IdempotencyConflict:
+        raise ApiError(
+            409, "Idempotency-Key was already used with a different request body"
+        ) from None
+
+    if inp["enable_sync_mode"]:
+        job = await _wait_for(st, job.id, s.sync_timeout)
+        data = _data(st, request, job)
+        if not job.status.terminal:
+            # [compat] The SDKs recognise this exact form as a sync-mode timeout (contract §3.3).
+            data["code"] = CODE_TIMEOUT
+            data["error"] = (
+                f"Sync mode timed out after {s.sync_timeout:g} s; the prediction continues, "
+                f"poll {data['urls']['get']}"
+            )
+            data["status"] = State.PROCESSING.value
+        return success(data)
+    return success(_data(st, request, job))
+
+
+async def _wait_for(st: AppState, job_id: str, budget: float) -> Job:
+    deadline = time.monotonic() + budget
+    while True:
+        job = await run_in_threadpool(st.store.get, job_id)
+        assert job is not None
+        if job.status.terminal or time.monotonic() >= deadline:
+            return job
+        await asyncio.sleep(0.1)
+
+
+def _get_or_404(st: AppState, job_id: str) -> Job:
+    job = st.store.get(job_id)
+    if job is None:
+        raise ApiError(404, f"Prediction {job_id} not found")
+    return job
+
+
+@router.get("/api/v3/predictions/{job_id}/result")
+@router.get("/api/v3/predictions/{job_id}")
+@router.get("/api/v2/predictions/{job_id}/result")
+@router.get("/api/v2/predictions/{job_id}")
+def result(job_id: str, request: Request) -> dict[str, Any]:
+    st = state_of(request)
+    st.auth.check(request)
+    return success(_data(st, request, _get_or_404(st, job_id)))
+
+
+@router.post("/api/v3/predictions/{job_id}/cancel")
+@router.delete("/api/v3/predictions/{job_id}")
+def cancel(job_id: str, request: Request) -> dict[str, Any]:
+    """Extension (WaveSpeed has none): queued jobs end at once; a running job is marked
+    cancelled now and its worker stops at the next denoising step."""
+    st = state_of(request)
+    st.auth.check(request)
+    job, changed = st.store.cancel(job_id)
+    if job is None:
+        raise ApiError(404, f"Prediction {job_id} not found")
+    if not changed and job.status is not State.CANCELLED:
+        raise ApiError(409, f"Prediction {job_id} already finished with status {job.status.value}")
+    data = _data(st, request, job)
+    data["cancel"] = "cancelled" if changed else "already cancelled"
+    return success(data)
+
+
+@router.post("/api/v3/predictions")
+async def history(request: Request) -> dict[str, Any]:
+    """Paged history (CLI, desktop app): body {page, page_size, status?, created_after?,
+    created_before?, include_inputs?}; timestamps as RFC 3339 or unix seconds."""
+    st = state_of(request)
+    st.auth.check(request)
+    raw = await request.body()
+    body = json.loads(raw) if raw.strip() else {}
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    page = _int_param(body, "page", 1, 1, 10**6)
+    page_size = _int_param(body, "page_size", 20, 1, 100)
+    status = body.get("status") or None
+    if status is not None and status not in {s.value for s in State}:
+        raise bad_request(f"status must be one of {', '.join(s.value for s in State)}")
+    after = _time_param(body, "created_after")
+    before = _time_param(body, "created_before")
+    jobs, total = await run_in_threadpool(
+        lambda: st.store.history(
+            page=page, page_size=page_size, status=status, created_after=after, created_before=before
+        )
+    )
+    base = st.base_url(request)
+    items = []
+    for j in jobs:
+        d = prediction_object(j, base, include_input=bool(body.get("include_inputs")))
+        d["execution_time"] = d["executionTime"]
+        items.append(d)
+    return success({"page": page, "page_size": page_size, "total": total, "items": items})
+
+
+def _int_param(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise bad_request(f"{name} must be an integer between {lo} and {hi}")
+    return v
+
+
+def _time_param(body: dict[str, Any], name: str) -> float | None:
+    from datetime import datetime
+
+    v = body.get(name)
+    if v in (None, ""):
+        return None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    raise bad_request(f"{name} must be an RFC 3339 time or unix seconds")

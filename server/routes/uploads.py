@@ -1,0 +1,169 @@
+"""Media uploads, in the three shapes real clients use (contract §3.4):
+
+- two-step ticket (SDK >= 1.0.11, npm 0.3): `POST /api/v3/media/uploads` answers a one-time
+  `PUT` URL that authorises itself (the SDK sends no Authorization on the PUT);
+- multipart `POST /api/v3/media/upload/binary` (field `file`), also under `/api/v2` (ComfyUI,
+  old SDKs, desktop app);
+- `POST /api/v3/upload` (one doc revision), answering `url` as well as `download_url`.
+
+The content type is sniffed from the bytes; the client's claim is not trusted. The resulting
+`download_url` is on this server, and the worker reads it from storage directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from server.app import AppState, state_of
+from server.errors import ApiError, bad_request
+from server.media_types import sniff
+from server.predictions import success
+from server.storage import LocalStorage
+
+router = APIRouter()
+
+
+def _limit(st: AppState, kind: str) -> int:
+    return st.settings.max_video_bytes if kind == "video" else st.settings.max_image_bytes
+
+
+def _too_large(kind: str, limit: int) -> ApiError:
+    return ApiError(413, f"{kind} uploads are limited to {limit / 2**20:g} MB")
+
+
+def _check(st: AppState, data: bytes) -> tuple[str, str]:
+    """(kind, mime) of uploaded bytes, or 400/413."""
+    if not data:
+        raise bad_request("the uploaded file is empty")
+    found = sniff(data)
+    if found is None:
+        raise bad_request("unsupported file type: upload an image (PNG, JPEG, WebP, GIF, BMP) or a video (MP4, MOV, WebM, MKV, AVI)")
+    kind, mime = found
+    if len(data) > _limit(st, kind):
+        raise _too_large(kind, _limit(st, kind))
+    return kind, mime
+
+
+def _save(st: AppState, request: Request, data: bytes, filename: str) -> dict[str, Any]:
+    kind, mime = _check(st, data)
+    key = st.storage.put_bytes(LocalStorage.new_key("uploads", filename or "upload"), data)
+    url = LocalStorage.url(st.base_url(request), key)
+    return {"type": kind, "content_type": mime, "filename": filename, "size": len(data), "download_url": url, "url": url}
+
+
+@router.post("/api/v3/media/upload/binary")
+@router.post("/api/v2/media/upload/binary")
+@router.post("/api/v3/upload")
+async def upload_binary(request: Request, file: UploadFile | None = None) -> dict[str, Any]:
+    st = state_of(request)
+    st.auth.check(request)
+    if file is None:
+        raise bad_request("send the file as multipart/form-data in a field named 'file'")
+    # Read at most the video limit plus one byte: enough to refuse larger files without
+    # holding them.
+    cap = max(st.settings.max_video_bytes, st.settings.max_image_bytes)
+    data = await file.read(cap + 1)
+    if len(data) > cap:
+        raise _too_large("media", cap)
+    return success(await run_in_threadpool(_save, st, request, data, file.filename or "upload"))
+
+
+# Two-step tickets -------------------------------------------------------------------------------
+# A ticket is a signed token (no table needed): it names the storage key, expiry and size cap.
+# "Works once" holds because a PUT to a key that already exists is refused.
+
+
+def _ticket_key(st: AppState) -> bytes:
+    from server.webhooks import webhook_secret
+
+    return hashlib.sha256(b"upload-ticket:" + webhook_secret(st.store).encode()).digest()
+
+
+def _b64(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).decode().rstrip("=")
+
+
+def _unb64(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def _sign(st: AppState, claims: dict[str, Any]) -> str:
+    body = _b64(json.dumps(claims, separators=(",", ":")).encode())
+    sig = _b64(hmac.new(_ticket_key(st), body.encode(), hashlib.sha256).digest())
+    return f"{body}.{sig}"
+
+
+def _verify(st: AppState, token: str) -> dict[str, Any]:
+    body, _, sig = token.partition(".")
+    good = _b64(hmac.new(_ticket_key(st), body.encode(), hashlib.sha256).digest())
+    if not sig or not hmac.compare_digest(sig, good):
+        raise ApiError(403, "invalid upload URL")
+    claims = json.loads(_unb64(body))
+    if claims["exp"] < time.time():
+        raise ApiError(403, "this upload URL has expired; ask for a new one")
+    return claims
+
+
+@router.post("/api/v3/media/uploads")
+async def upload_ticket(request: Request) -> dict[str, Any]:
+    st = state_of(request)
+    st.auth.check(request)
+    raw = await request.body()
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError:
+        raise bad_request("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    filename = str(body.get("filename") or "upload")
+    size = body.get("size")
+    ctype = str(body.get("content_type") or "")
+    cap = max(st.settings.max_video_bytes, st.settings.max_image_bytes)
+    if isinstance(size, int) and not isinstance(size, bool) and size > cap:
+        raise _too_large("media", cap)
+    key = LocalStorage.new_key("uploads", filename)
+    token = _sign(st, {"key": key, "exp": time.time() + st.settings.upload_ticket_seconds})
+    base = st.base_url(request)
+    kind = "video" if ctype.startswith("video/") else "image"
+    headers = {"Content-Type": ctype} if ctype else {}
+    return success(
+        {
+            "type": kind,
+            "filename": filename,
+            "size": size,
+            "download_url": LocalStorage.url(base, key),
+            "upload": {"method": "PUT", "url": f"{base}/api/v3/media/uploads/{token}", "headers": headers},
+        }
+    )
+
+
+@router.put("/api/v3/media/uploads/{token}")
+async def upload_put(token: str, request: Request) -> dict[str, Any]:
+    st = state_of(request)
+    claims = _verify(st, token)
+    key = claims["key"]
+    if st.storage.exists(key):
+        raise ApiError(409, "this upload URL was already used")
+    cap = max(st.settings.max_video_bytes, st.settings.max_image_bytes)
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise _too_large("media", cap)
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > cap:
+            raise _too_large("media", cap)
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    kind, mime = await run_in_threadpool(_check, st, data)
+    await run_in_threadpool(st.storage.put_bytes, key, data)
+    url = LocalStorage.url(st.base_url(request), key)
+    return success({"type": kind, "content_type": mime, "size": len(data), "download_url": url, "url": url})

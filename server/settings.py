@@ -1,0 +1,107 @@
+"""The one settings object. Every field is read from an environment variable with the
+`WAN_VACE_` prefix (e.g. `WAN_VACE_API_KEYS`), or passed explicitly by the CLI and tests.
+
+There is no global instance: `create_app(settings)` and the worker receive it, so tests build
+apps on temporary folders side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MODEL_ID = "wavespeed-ai/wan-2.1-14b-vace"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WAN_VACE_", extra="ignore")
+
+    # Where the SQLite store, uploads, outputs and the generated API key live.
+    data_dir: Path = Path("./data")
+    # A weights.toml name: `tiny` (random weights, runs anywhere), `wan2.1-vace-14b`, `wan2.1-vace-1.3b`.
+    model: str = "tiny"
+    weights_dir: Path | None = None  # default: <data_dir>/weights
+    # Unset: a SQLite file in the data dir. `postgresql://...` is for the scale-out issue.
+    database_url: str | None = None
+    # Absolute origin clients reach us at (behind a proxy). Unset: the request's own base URL.
+    public_url: str | None = None
+
+    # Comma-separated bearer keys. Unset and not open: a key is generated on first start and
+    # kept in <data_dir>/api_key so the quickstart works without being open to the network.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Explicit opt-in to serving without any key (local experiments only).
+    open_access: bool = False
+
+    # Worker processes this server spawns (`--workers`); 0 = API only.
+    workers: int = 1
+    device: str = "auto"  # auto = cuda when available, else cpu
+    # The tiny model renders each side divided by this (rounded to 16) and scales frames up, so a
+    # CPU renders an 832x480 job in seconds; /health reports it. 1 = full size.
+    tiny_downscale: int = 8
+    # x264 preset for outputs: speed vs file size at the same quality (CRF 18).
+    encode_preset: str = "fast"
+
+    # A job's lease: the worker renews it every lease_seconds/3. A worker that dies loses its jobs
+    # after at most lease_seconds; they are retried until max_attempts, then failed clearly.
+    lease_seconds: float = 30.0
+    max_attempts: int = 2
+    # How often the worker looks for work when idle.
+    poll_interval: float = 0.25
+    # Queued (not yet running) jobs accepted at once; beyond it submit answers 429.
+    max_queue: int = 1000
+    # How long `enable_sync_mode` holds the POST before answering the 5004 "timed out" form.
+    sync_timeout: float = 600.0
+
+    # Webhook deliveries: attempts in all, and the first retry delay (doubling each time).
+    webhook_max_attempts: int = 6
+    webhook_backoff: float = 2.0
+    webhook_timeout: float = 10.0
+    # Uploads: tickets for the two-step flow expire after this many seconds.
+    upload_ticket_seconds: float = 3600.0
+
+    # Media fetching in the worker.
+    allow_private_urls: bool = False
+    fetch_timeout: float = 30.0
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_video_bytes: int = 100 * 1024 * 1024
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @property
+    def resolved_weights_dir(self) -> Path:
+        return self.weights_dir or self.data_dir / "weights"
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "media"
+
+    def effective_api_keys(self) -> list[str]:
+        """The keys that authorise requests; generates and persists one on first start."""
+        if self.open_access:
+            return []
+        if self.api_keys:
+            return list(self.api_keys)
+        key_file = self.data_dir / "api_key"
+        if key_file.exists():
+            return [key_file.read_text().strip()]
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        key = "wvk_" + secrets.token_hex(24)
+        # Written with owner-only permissions: it is a credential.
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        return [key]

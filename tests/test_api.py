@@ -1,0 +1,153 @@
+"""The HTTP contract, in process (no worker: `workers=0`), with FastAPI's TestClient."""
+
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.settings import Settings
+
+KEY = "k-123"
+
+
+@pytest.fixture
+def app_client(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path, workers=0, api_keys=[KEY], max_queue=3))
+    with TestClient(app) as c:
+        c.headers["Authorization"] = f"Bearer {KEY}"
+        yield c
+
+
+def submit(c, body=None, **kw):
+    return c.post("/api/v3/wavespeed-ai/wan-2.1-14b-vace", json=body or {"prompt": "a cat"}, **kw)
+
+
+def test_submit_envelope(app_client):
+    r = submit(app_client)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["code"] == 200 and body["message"] == "success" and "error" not in body
+    d = body["data"]
+    assert re.fullmatch(r"[0-9a-f]{32}", d["id"])
+    assert d["status"] == "created" and d["model"] == "wavespeed-ai/wan-2.1-14b-vace"
+    assert d["urls"]["get"] == f"http://testserver/api/v3/predictions/{d['id']}/result"
+    assert d["outputs"] == [] and d["has_nsfw_contents"] == [] and d["error"] == ""
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", d["created_at"])
+    assert d["timings"] == {"inference": 0}
+
+
+def test_result_routes_identical_and_v2_alias(app_client):
+    jid = submit(app_client).json()["data"]["id"]
+    a = app_client.get(f"/api/v3/predictions/{jid}/result").json()
+    b = app_client.get(f"/api/v3/predictions/{jid}").json()
+    c = app_client.get(f"/api/v2/predictions/{jid}/result").json()
+    assert a == b == c and a["data"]["id"] == jid
+
+
+def test_ids_are_unique(app_client):
+    ids = {submit(app_client).json()["data"]["id"] for _ in range(3)}
+    assert len(ids) == 3
+
+
+def test_public_url_setting(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path, workers=0, open_access=True, public_url="https://vace.example.org/"))
+    with TestClient(app) as c:
+        d = submit(c).json()["data"]
+        assert d["urls"]["get"].startswith("https://vace.example.org/api/v3/predictions/")
+
+
+def test_validation_error_is_400_envelope(app_client):
+    r = submit(app_client, {"prompt": "x", "duration": 11})
+    assert r.status_code == 400
+    assert r.json() == {
+        "code": 400,
+        "message": "duration must be between 5 and 10, got 11",
+        "error": "duration must be between 5 and 10, got 11",
+        "data": None,
+    }
+
+
+def test_invalid_json(app_client):
+    r = app_client.post(
+        "/api/v3/wavespeed-ai/wan-2.1-14b-vace", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 400 and "not valid JSON" in r.json()["message"]
+
+
+def test_auth(app_client):
+    r = app_client.post("/api/v3/wavespeed-ai/wan-2.1-14b-vace", json={"prompt": "x"}, headers={"Authorization": ""})
+    assert r.status_code == 401 and r.json()["code"] == 401 and "Missing API key" in r.json()["message"]
+    r = app_client.post("/api/v3/wavespeed-ai/wan-2.1-14b-vace", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.json()["message"] == "Invalid API key"
+    r = app_client.get("/api/v3/predictions/abc/result", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401
+    # Health needs no key.
+    assert app_client.get("/health", headers={"Authorization": ""}).status_code == 200
+
+
+def test_get_with_json_content_type_and_no_body(app_client):
+    # The SDKs send Content-Type: application/json on GETs too (contract §2).
+    jid = submit(app_client).json()["data"]["id"]
+    r = app_client.get(f"/api/v3/predictions/{jid}/result", headers={"Content-Type": "application/json"})
+    assert r.status_code == 200
+
+
+def test_unknown_id_and_route_are_404_json(app_client):
+    r = app_client.get("/api/v3/predictions/" + "0" * 32 + "/result")
+    assert r.status_code == 404 and r.json()["code"] == 404 and r.json()["data"] is None
+    r = app_client.get("/api/v3/nowhere")
+    assert r.status_code == 404 and r.json()["code"] == 404
+
+
+def test_generated_key_when_none_configured(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path, workers=0))
+    key = (tmp_path / "api_key").read_text().strip()
+    assert (tmp_path / "api_key").stat().st_mode & 0o777 == 0o600
+    with TestClient(app) as c:
+        assert submit(c).status_code == 401
+        assert submit(c, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    # The same key survives a restart.
+    create_app(Settings(data_dir=tmp_path, workers=0))
+    assert (tmp_path / "api_key").read_text().strip() == key
+
+
+def test_open_mode_is_explicit(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path, workers=0, open_access=True))
+    with TestClient(app) as c:
+        assert submit(c).status_code == 200
+        assert c.get("/health").json()["auth"] == "open"
+
+
+def test_queue_full_is_429(app_client):
+    for _ in range(3):
+        assert submit(app_client).status_code == 200
+    r = submit(app_client)
+    assert r.status_code == 429 and "queue is full" in r.json()["message"]
+    assert r.headers["retry-after"] == "5"
+
+
+def test_health_api_only(app_client):
+    h = app_client.get("/health").json()
+    assert h["status"] == "ready" and "API only" in h["reason"]
+    assert h["queue_depth"] == 0 and h["model"]["name"] == "tiny"
+
+
+def test_data_uri_inputs_are_moved_to_storage(app_client, tmp_path):
+    import base64
+
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"0" * 32).decode()
+    d = submit(app_client, {"prompt": "x", "images": [f"data:image/png;base64,{png}"]}).json()["data"]
+    from server.store.sqlite import SqliteJobStore
+
+    job = SqliteJobStore(tmp_path / "jobs.sqlite3").get(d["id"])
+    url = job.input["images"][0]
+    assert url.startswith("http://testserver/media/inputs/") and url.endswith(".png")
+    assert app_client.get(url.replace("http://testserver", "")).content.startswith(b"\x89PNG")
+    r = submit(app_client, {"prompt": "x", "video": "data:video/mp4;base64,@@@"})
+    assert r.status_code == 400 and "video" in r.json()["message"]
+
+
+def test_media_route_refuses_traversal(app_client):
+    assert app_client.get("/media/../jobs.sqlite3").status_code == 404
+    assert app_client.get("/media/%2e%2e/jobs.sqlite3").status_code == 404

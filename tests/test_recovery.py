@@ -1,0 +1,96 @@
+"""Nothing accepted is lost: a killed worker, a killed server, a restart."""
+
+import os
+import signal
+import time
+
+import httpx
+
+from tests.conftest import FAST, ServerProcess, wait_terminal
+
+MODEL = "wavespeed-ai/wan-2.1-14b-vace"
+# Long enough on the tiny model to be caught mid-run (10 s of video, 40 steps).
+SLOW = {"prompt": "slow", "duration": 10, "num_inference_steps": 40, "seed": 3}
+
+
+def _wait_processing(c: httpx.Client, jid: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        d = c.get(f"/api/v3/predictions/{jid}/result").json()["data"]
+        if d["status"] == "processing" and d["progress"] > 0:
+            return d
+        time.sleep(0.05)
+    raise TimeoutError(d)
+
+
+def _worker_pid(srv: ServerProcess) -> int:
+    h = httpx.get(srv.url + "/health").json()
+    (w,) = [w for w in h["workers"] if w["alive"]]
+    return w["pid"]
+
+
+def test_worker_killed_mid_job_is_retried(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    try:
+        with srv.client() as c:
+            jid = c.post(f"/api/v3/{MODEL}", json=SLOW).json()["data"]["id"]
+            _wait_processing(c, jid)
+            os.kill(_worker_pid(srv), signal.SIGKILL)
+            d = wait_terminal(c, jid, timeout=180)
+            assert d["status"] == "completed", d
+            assert d["attempts"] == 2
+            # The supervisor started a fresh worker, and health says so.
+            srv.wait_health({"ready"}, 60)
+    finally:
+        srv.stop()
+
+
+def test_worker_killed_on_last_attempt_fails_clearly(tmp_path):
+    srv = ServerProcess(tmp_path, WAN_VACE_MAX_ATTEMPTS="1").start()
+    try:
+        with srv.client() as c:
+            jid = c.post(f"/api/v3/{MODEL}", json=SLOW).json()["data"]["id"]
+            _wait_processing(c, jid)
+            os.kill(_worker_pid(srv), signal.SIGKILL)
+            d = wait_terminal(c, jid, timeout=60)
+            assert d["status"] == "failed" and d["code"] == 5000
+            assert "worker process exited unexpectedly" in d["error"]
+            assert "attempt 1 of 1" in d["error"]
+    finally:
+        srv.stop()
+
+
+def test_server_killed_with_jobs_queued_all_finish_after_restart(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    with srv.client() as c:
+        ids = [c.post(f"/api/v3/{MODEL}", json=SLOW).json()["data"]["id"]]
+        ids += [c.post(f"/api/v3/{MODEL}", json={"prompt": f"q{i}", **FAST}).json()["data"]["id"] for i in range(3)]
+        _wait_processing(c, ids[0])
+    # SIGKILL the API process alone: its worker is orphaned, notices, hands its job back.
+    os.kill(srv.proc.pid, signal.SIGKILL)
+    srv.proc.wait()
+    time.sleep(2)
+    srv2 = ServerProcess(tmp_path, port=srv.port).start()
+    try:
+        with srv2.client() as c:
+            results = [wait_terminal(c, j, timeout=180) for j in ids]
+        assert [r["status"] for r in results] == ["completed"] * 4, results
+    finally:
+        srv2.stop()
+
+
+def test_whole_process_group_killed_then_restart(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    with srv.client() as c:
+        ids = [c.post(f"/api/v3/{MODEL}", json=SLOW).json()["data"]["id"]]
+        ids.append(c.post(f"/api/v3/{MODEL}", json={"prompt": "q", **FAST}).json()["data"]["id"])
+        _wait_processing(c, ids[0])
+    srv.stop(signal.SIGKILL)  # server and worker die together, mid-job
+    srv2 = ServerProcess(tmp_path, port=srv.port).start()
+    try:
+        with srv2.client() as c:
+            results = [wait_terminal(c, j, timeout=180) for j in ids]
+        assert [r["status"] for r in results] == ["completed"] * 2, results
+        assert results[0]["attempts"] == 2
+    finally:
+        srv2.stop()

@@ -1,0 +1,122 @@
+import pytest
+
+from server.errors import ApiError
+from server.schemas import FIELDS, num_frames_of, size_of, validate_submit
+
+
+def ok(**kw):
+    inp, _ = validate_submit({"prompt": "a cat", **kw})
+    return inp
+
+
+def bad(**kw) -> str:
+    with pytest.raises(ApiError) as e:
+        validate_submit({"prompt": "a cat", **kw})
+    assert e.value.status == 400
+    return e.value.message
+
+
+def test_defaults():
+    inp = ok()
+    assert inp["duration"] == 5 and inp["size"] == "832*480" and inp["num_inference_steps"] == 30
+    assert inp["guidance_scale"] == 5.0 and inp["flow_shift"] == 16.0 and inp["context_scale"] == 1.0
+    assert inp["seed"] == -1 and inp["task"] == "depth" and inp["images"] == []
+    assert inp["enable_safety_checker"] is True and inp["enable_sync_mode"] is False
+    assert inp["video"] is None and inp["negative_prompt"] == ""
+    assert size_of(inp) == (832, 480) and num_frames_of(inp) == 81
+
+
+def test_prompt_required():
+    for body in ({}, {"prompt": ""}, {"prompt": None}, {"prompt": "   "}):
+        with pytest.raises(ApiError, match="prompt is required"):
+            validate_submit(body)
+
+
+@pytest.mark.parametrize(
+    "field,lo,hi,below,above",
+    [
+        ("duration", 5, 10, 4, 11),
+        ("num_inference_steps", 1, 40, 0, 41),
+        ("guidance_scale", 0.0, 20.0, -0.01, 20.01),
+        ("flow_shift", 0.0, 30.0, -0.5, 30.5),
+        ("context_scale", 0.0, 2.0, -0.1, 2.1),
+    ],
+)
+def test_range_edges(field, lo, hi, below, above):
+    assert ok(**{field: lo})[field] == lo
+    assert ok(**{field: hi})[field] == hi
+    assert field in bad(**{field: below})
+    assert field in bad(**{field: above})
+
+
+def test_integers_accepted_for_numbers_and_integral_floats_for_integers():
+    inp = ok(guidance_scale=7, duration=10.0)
+    assert inp["guidance_scale"] == 7.0 and isinstance(inp["guidance_scale"], float)
+    assert inp["duration"] == 10 and isinstance(inp["duration"], int)
+    assert "integer" in bad(duration=5.5)
+    assert "number" in bad(guidance_scale="5")
+    assert "number" in bad(guidance_scale=True)
+    assert "finite" in bad(guidance_scale=float("nan"))
+
+
+def test_seed_rules():
+    assert ok(seed=-1)["seed"] == -1
+    assert ok(seed=0)["seed"] == 0
+    assert ok(seed=2147483647)["seed"] == 2147483647
+    assert ok(seed=2147483648)["seed"] == 0  # reduced modulo 2^31 (contract §6)
+    assert ok(seed=9999999999)["seed"] == 9999999999 % 2**31
+    assert "seed" in bad(seed=-2)
+
+
+def test_enums():
+    for s in ("832*480", "480*832", "1280*720", "720*1280"):
+        assert ok(size=s)["size"] == s
+    assert ok(size="832x480")["size"] == "832*480"
+    assert "size must be one of" in bad(size="1024*1024")
+    for t in ("depth", "pose", "face", "inpainting", "none", "gray"):
+        assert ok(task=t)["task"] == t
+    assert "task must be one of" in bad(task="teleport")
+
+
+def test_nulls_and_empty_strings_mean_absent():
+    # What ComfyUI nodes send (contract §6).
+    inp = ok(mask_image=None, first_image=None, last_image=None, video="", images=[], seed=None,
+             negative_prompt=None, webhook_url="", enable_base64_output=False)
+    assert inp["video"] is None and inp["mask_image"] is None and inp["seed"] == -1
+    assert inp["negative_prompt"] == "" and inp["webhook_url"] is None
+
+
+def test_unknown_keys_ignored_and_reported():
+    inp, ignored = validate_submit({"prompt": "x", "loras": [], "foo": 1})
+    assert sorted(ignored) == ["foo", "loras"]
+    assert "loras" not in inp
+
+
+def test_media_fields():
+    inp = ok(video="https://example.com/a.mp4", images=["http://x/1.png", "data:image/png;base64,AAAA"])
+    assert inp["images"][1].startswith("data:")
+    assert "images[0]" in bad(images=["ftp://x/1.png"])
+    assert "video" in bad(video="not a url")
+    assert "at most 5" in bad(images=[f"https://x/{i}.png" for i in range(6)])
+    assert ok(images="https://x/1.png")["images"] == ["https://x/1.png"]
+    assert ok(images=["", None, "https://x/1.png"])["images"] == ["https://x/1.png"]
+
+
+def test_image_alias_for_first_image():
+    assert ok(image="https://x/f.png")["first_image"] == "https://x/f.png"
+    assert ok(image="https://x/a.png", first_image="https://x/b.png")["first_image"] == "https://x/b.png"
+
+
+def test_booleans():
+    assert ok(enable_sync_mode="true")["enable_sync_mode"] is True
+    assert "true or false" in bad(enable_sync_mode="yes")
+
+
+def test_body_must_be_object():
+    with pytest.raises(ApiError):
+        validate_submit(["prompt"])
+
+
+def test_every_field_has_a_default_or_is_required():
+    inp = ok()
+    assert set(inp) == {f.name for f in FIELDS}
