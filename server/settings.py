@@ -40,9 +40,13 @@ class Settings(BaseSettings):
     # Worker processes this server spawns (`--workers`); 0 = API only.
     workers: int = 1
     device: str = "auto"  # auto = cuda when available, else cpu
+    # torch CPU threads per worker (unset: torch's default, one per core). On a shared or small
+    # CPU host, OpenMP threads spin-waiting against other processes can make a job 5x slower.
+    cpu_threads: int | None = None
     # The tiny model renders each side divided by this (rounded to 16) and scales frames up, so a
-    # CPU renders an 832x480 job in seconds; /health reports it. 1 = full size.
-    tiny_downscale: int = 8
+    # CPU renders an 832x480 job in seconds; /health reports it. Unset: weights.toml's
+    # `render_downscale` for the model (8 for tiny). 1 = full size.
+    tiny_downscale: int | None = None
     # x264 preset for outputs: speed vs file size at the same quality (CRF 18).
     encode_preset: str = "fast"
 

@@ -37,6 +37,11 @@ class ServerProcess:
             "WAN_VACE_API_KEYS": API_KEY,
             "WAN_VACE_ALLOW_PRIVATE_URLS": "true",
             "WAN_VACE_LEASE_SECONDS": "6",
+            # Noise from the tiny model is x264's worst case; tests need speed, not small files.
+            "WAN_VACE_ENCODE_PRESET": "ultrafast",
+            # Two cores shared by pytest, servers and workers: spinning OpenMP threads would
+            # oversubscribe them (5x slower jobs measured).
+            "WAN_VACE_CPU_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
             **env,
         }

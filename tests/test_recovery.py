@@ -9,8 +9,8 @@ import httpx
 from tests.conftest import FAST, ServerProcess, wait_terminal
 
 MODEL = "wavespeed-ai/wan-2.1-14b-vace"
-# Long enough on the tiny model to be caught mid-run (10 s of video, 40 steps).
-SLOW = {"prompt": "slow", "duration": 10, "num_inference_steps": 40, "seed": 3}
+# Long enough on the tiny model to be caught mid-run (40 denoising steps, a few seconds).
+SLOW = {"prompt": "slow", "num_inference_steps": 40, "seed": 3}
 
 
 def _wait_processing(c: httpx.Client, jid: str, timeout: float = 60) -> dict:
