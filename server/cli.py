@@ -45,14 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
         return 0
 
-    import os
-    import signal
-
     from server.store.sqlite import new_worker_id
-    from server.worker import Worker
+    from server.worker import Worker, install_sigterm
 
     worker = Worker(settings, new_worker_id())
-    signal.signal(signal.SIGTERM, lambda *_: (worker.stop("The worker was stopped"), os._exit(0)))
+    install_sigterm(worker)
     return worker.run()
 
 

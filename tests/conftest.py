@@ -29,8 +29,9 @@ def free_port() -> int:
 class ServerProcess:
     """`wan-vace serve` in a subprocess; restartable on the same data dir and port."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, **env: str):
+    def __init__(self, data_dir: Path, port: int | None = None, model: str = "tiny", **env: str):
         self.data_dir = data_dir
+        self.model = model
         self.port = port or free_port()
         self.env = {
             **os.environ,
@@ -56,7 +57,7 @@ class ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--model", "tiny",
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--model", self.model,
              "--data-dir", str(self.data_dir)],
             cwd=ROOT,
             env=self.env,
