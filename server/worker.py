@@ -72,6 +72,7 @@ class Worker:
                 device=self.s.device,
                 tiny_downscale=self.s.tiny_downscale,
                 encode_preset=self.s.encode_preset,
+                cpu_threads=self.s.cpu_threads,
             )
             self.runner.warm_up()
         except Exception as e:  # the reason goes to /health, where operators look
@@ -220,6 +221,23 @@ class Worker:
         return out
 
 
+def install_sigterm(worker: Worker) -> None:
+    """On SIGTERM, hand the running job back and exit. The work happens on a thread: the handler
+    runs on the main thread, which may be inside a store transaction that the release would
+    otherwise wait for."""
+
+    def release_and_exit() -> None:
+        try:
+            worker.stop("The worker was stopped (server shutdown)")
+        finally:
+            os._exit(0)
+
+    def on_term(signum: int, frame: Any) -> None:
+        threading.Thread(target=release_and_exit, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def worker_main(settings_json: str, worker_id: str, parent_pid: int | None) -> None:
     """Entry point of a spawned worker process."""
     logging.basicConfig(
@@ -228,9 +246,5 @@ def worker_main(settings_json: str, worker_id: str, parent_pid: int | None) -> N
     settings = Settings.model_validate_json(settings_json)
     worker = Worker(settings, worker_id, parent_pid)
 
-    def on_term(signum: int, frame: Any) -> None:
-        worker.stop("The worker was stopped (server shutdown)")
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, on_term)
+    install_sigterm(worker)
     sys.exit(worker.run())
