@@ -30,3 +30,36 @@ def sniff(data: bytes) -> tuple[str, str] | None:
     if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
         return "video", "video/x-msvideo"
     return None
+
+
+# The file extension each sniffed type is stored (and therefore served) under.
+EXTENSIONS = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/gif": ".gif",
+    "image/webp": ".webp",
+    "image/bmp": ".bmp",
+    "image/tiff": ".tiff",
+    "image/avif": ".avif",
+    "image/heic": ".heic",
+    "video/mp4": ".mp4",
+    "video/quicktime": ".mov",
+    "video/webm": ".webm",
+    "video/x-matroska": ".mkv",
+    "video/x-msvideo": ".avi",
+}
+_SAFE_SUFFIXES = frozenset(EXTENSIONS.values()) | {".jpeg", ".jpe", ".tif", ".m4v", ".qt"}
+
+
+def media_filename(filename: str, mime: str | None) -> str:
+    """`filename` made safe to store and serve: media are served with the type their extension
+    implies, so a name whose extension is not an image/video one ("x.html", "x.svg", none) gets
+    the extension of `mime` (the sniffed or, before the bytes arrive, the claimed type; `.bin`,
+    served as a download, when that is not a media type) appended. A PNG named `evil.html` would
+    otherwise be served as text/html from this server's origin."""
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1].strip() or "upload"
+    dot = name.rfind(".")
+    suffix = name[dot:].lower() if dot > 0 else ""
+    if suffix in _SAFE_SUFFIXES:
+        return name
+    return name + EXTENSIONS.get((mime or "").split(";")[0].strip().lower(), ".bin")

@@ -77,10 +77,18 @@ class WebhookDispatcher:
         ) as client:
             while not self._stop.wait(0.25):
                 try:
-                    for d in self.store.due_webhooks(time.time(), lease_seconds=self.s.webhook_timeout + 5):
-                        self._deliver(client, d)
+                    due = self.store.due_webhooks(time.time(), lease_seconds=self.s.webhook_timeout + 5)
                 except Exception:
-                    log.exception("webhook dispatch failed")
+                    log.exception("webhook outbox unavailable")
+                    continue
+                for d in due:
+                    if self._stop.is_set():
+                        break  # the rest stay claimed until their lease runs out, then retry
+                    # One bad row must not hold up the others claimed with it.
+                    try:
+                        self._deliver(client, d)
+                    except Exception:
+                        log.exception("webhook %s: the delivery attempt failed unexpectedly", d.event_id)
 
     def _deliver(self, client: httpx.Client, d: Any) -> None:
         body = d.body.encode()
@@ -102,7 +110,14 @@ class WebhookDispatcher:
             log.warning("webhook %s refused: %s", d.event_id, msg)
             self.store.webhook_attempted(d.event_id, delivered=False, error=msg, next_attempt_at=None)
             return
-        except httpx.HTTPError as e:
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as e:
+            # Permanent: no retry can deliver to this URL.
+            log.warning("webhook %s: invalid URL %r (%s); giving up", d.event_id, d.url, e)
+            self.store.webhook_attempted(
+                d.event_id, delivered=False, error=f"invalid URL: {e}", next_attempt_at=None
+            )
+            return
+        except Exception as e:  # httpx.HTTPError and anything unexpected: an attempt that failed
             ok, err = False, f"{type(e).__name__}: {e}"
         attempts = d.attempts + 1
         if ok:

@@ -10,6 +10,7 @@ import secrets
 import time
 from typing import Any
 
+import httpx
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
@@ -30,14 +31,28 @@ _BASE64_WEBHOOK = (
 )
 
 
-async def _json_body(request: Request) -> Any:
+async def _json_body(request: Request, *, empty: Any = None) -> Any:
+    """The parsed JSON body; `empty` (when not None) stands for an empty body."""
     raw = await request.body()
     if not raw.strip():
+        if empty is not None:
+            return empty
         raise bad_request("the request body must be a JSON object")
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON ({e})") from None
+
+
+def _check_webhook_url(url: str) -> None:
+    """An absolute http(s) URL with a host: anything else could never be delivered (and some
+    malformed URLs would make the dispatcher fail before it can count an attempt)."""
+    try:
+        parsed = httpx.URL(url)
+    except Exception:
+        raise bad_request("webhook must be an absolute http(s) URL") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise bad_request("webhook must be an absolute http(s) URL")
 
 
 def _data(st: AppState, request: Request, job: Job) -> dict[str, Any]:
@@ -56,15 +71,21 @@ async def submit(request: Request) -> dict[str, Any]:
     webhook = request.query_params.get("webhook") or inp.get("webhook_url")
     if webhook and inp["enable_base64_output"]:
         raise ApiError(400, _BASE64_WEBHOOK)
-    if webhook and not webhook.lower().startswith(("http://", "https://")):
-        raise bad_request("webhook must be an http(s) URL")
+    if webhook:
+        _check_webhook_url(webhook)
     inp["webhook_url"] = webhook or None
 
     job_id = secrets.token_hex(16)
     base = st.base_url(request)
     key = request.headers.get("idempotency-key")
-    # The hash is over the body as sent, so a retried POST matches byte-for-byte-equal JSON.
-    req_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() if key else None
+    # The hash is over the request as sent (the JSON body, and the `?webhook=` query, which is
+    # part of the request too), so a retried POST matches and a different one conflicts.
+    req_hash = None
+    if key:
+        hashed: Any = body
+        if request.query_params.get("webhook"):
+            hashed = {"body": body, "webhook": request.query_params["webhook"]}
+        req_hash = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
     s = st.settings
     limits = {"image": s.max_image_bytes, "video": s.max_video_bytes}
 
@@ -148,7 +169,11 @@ def cancel(job_id: str, request: Request) -> dict[str, Any]:
     if job is None:
         raise ApiError(404, f"Prediction {job_id} not found")
     if not changed and job.status is not State.CANCELLED:
-        raise ApiError(409, f"Prediction {job_id} already finished with status {job.status.value}")
+        raise ApiError(
+            409,
+            f"Prediction {job_id} already finished with status {job.status.value}; "
+            "only created or processing predictions can be cancelled",
+        )
     data = _data(st, request, job)
     data["cancel"] = "cancelled" if changed else "already cancelled"
     return success(data)
@@ -160,15 +185,20 @@ async def history(request: Request) -> dict[str, Any]:
     created_before?, include_inputs?}; timestamps as RFC 3339 or unix seconds."""
     st = state_of(request)
     st.auth.check(request)
-    raw = await request.body()
-    body = json.loads(raw) if raw.strip() else {}
+    body = await _json_body(request, empty={})
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     page = _int_param(body, "page", 1, 1, 10**6)
     page_size = _int_param(body, "page_size", 20, 1, 100)
     status = body.get("status") or None
-    if status is not None and status not in {s.value for s in State}:
+    if status is not None and (not isinstance(status, str) or status not in {s.value for s in State}):
         raise bad_request(f"status must be one of {', '.join(s.value for s in State)}")
+    model = body.get("model") or None
+    if model is not None and not isinstance(model, str):
+        raise bad_request("model must be a string")
+    if model is not None and model != MODEL_ID:
+        # This server runs one model: a filter on any other matches nothing.
+        return success({"page": page, "page_size": page_size, "total": 0, "items": []})
     after = _time_param(body, "created_after")
     before = _time_param(body, "created_before")
     jobs, total = await run_in_threadpool(

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.app import AppState, state_of
 from server.errors import ApiError, bad_request
-from server.media_types import sniff
+from server.media_types import media_filename, sniff
 from server.predictions import success
 from server.storage import LocalStorage
 
@@ -35,8 +35,16 @@ def _limit(st: AppState, kind: str) -> int:
     return st.settings.max_video_bytes if kind == "video" else st.settings.max_image_bytes
 
 
+def _human(n: int) -> str:
+    if n >= 2**20:
+        return f"{n / 2**20:.4g} MB"
+    if n >= 2**10:
+        return f"{n / 2**10:.4g} KB"
+    return f"{n} bytes"
+
+
 def _too_large(kind: str, limit: int) -> ApiError:
-    return ApiError(413, f"{kind} uploads are limited to {limit / 2**20:g} MB")
+    return ApiError(413, f"{kind} uploads are limited to {_human(limit)} ({limit} bytes)")
 
 
 def _check(st: AppState, data: bytes) -> tuple[str, str]:
@@ -54,7 +62,8 @@ def _check(st: AppState, data: bytes) -> tuple[str, str]:
 
 def _save(st: AppState, request: Request, data: bytes, filename: str) -> dict[str, Any]:
     kind, mime = _check(st, data)
-    key = st.storage.put_bytes(LocalStorage.new_key("uploads", filename or "upload"), data)
+    stored_name = media_filename(filename or "upload", mime)
+    key = st.storage.put_bytes(LocalStorage.new_key("uploads", stored_name), data)
     url = LocalStorage.url(st.base_url(request), key)
     return {"type": kind, "content_type": mime, "filename": filename, "size": len(data), "download_url": url, "url": url}
 
@@ -103,13 +112,19 @@ def _sign(st: AppState, claims: dict[str, Any]) -> str:
 
 def _verify(st: AppState, token: str) -> dict[str, Any]:
     body, _, sig = token.partition(".")
-    good = _b64(hmac.new(_ticket_key(st), body.encode(), hashlib.sha256).digest())
-    if not sig or not hmac.compare_digest(sig, good):
+    # Bytes, not str: compare_digest refuses non-ASCII strings, and the token is whatever the
+    # caller put in the path.
+    good = _b64(hmac.new(_ticket_key(st), body.encode(), hashlib.sha256).digest()).encode()
+    if not sig or not hmac.compare_digest(sig.encode("utf-8", "replace"), good):
         raise ApiError(403, "invalid upload URL")
-    claims = json.loads(_unb64(body))
-    if claims["exp"] < time.time():
+    try:
+        claims = json.loads(_unb64(body))
+        key, exp = str(claims["key"]), float(claims["exp"])
+    except (ValueError, TypeError, KeyError):
+        raise ApiError(403, "invalid upload URL") from None
+    if exp < time.time():
         raise ApiError(403, "this upload URL has expired; ask for a new one")
-    return claims
+    return {"key": key, "exp": exp}
 
 
 @router.post("/api/v3/media/uploads")
@@ -125,14 +140,20 @@ async def upload_ticket(request: Request) -> dict[str, Any]:
         raise bad_request("the request body must be a JSON object")
     filename = str(body.get("filename") or "upload")
     size = body.get("size")
-    ctype = str(body.get("content_type") or "")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise bad_request("size must be the file size in bytes (a non-negative integer)")
+    ctype = str(body.get("content_type") or "").strip()
+    kind = "video" if ctype.lower().startswith("video/") else "image"
     cap = max(st.settings.max_video_bytes, st.settings.max_image_bytes)
-    if isinstance(size, int) and not isinstance(size, bool) and size > cap:
-        raise _too_large("media", cap)
-    key = LocalStorage.new_key("uploads", filename)
+    if size is not None:
+        # The declared type only refuses early; the PUT checks the sniffed type's limit again.
+        if ctype.lower().startswith(("image/", "video/")) and size > _limit(st, kind):
+            raise _too_large(kind, _limit(st, kind))
+        if size > cap:
+            raise _too_large("media", cap)
+    key = LocalStorage.new_key("uploads", media_filename(filename, ctype))
     token = _sign(st, {"key": key, "exp": time.time() + st.settings.upload_ticket_seconds})
     base = st.base_url(request)
-    kind = "video" if ctype.startswith("video/") else "image"
     headers = {"Content-Type": ctype} if ctype else {}
     return success(
         {
@@ -145,25 +166,37 @@ async def upload_ticket(request: Request) -> dict[str, Any]:
     )
 
 
+# Keys with a PUT in progress in this process: two concurrent PUTs of one ticket must not both
+# pass the "already used" check.
+_in_flight: set[str] = set()
+
+
 @router.put("/api/v3/media/uploads/{token}")
 async def upload_put(token: str, request: Request) -> dict[str, Any]:
+    """No Authorization: the SDKs send only the ticket's headers; the signed token in the path
+    is the authorisation. A ticket stores one file, once; a PUT refused for its content (type,
+    size) leaves it unused."""
     st = state_of(request)
     claims = _verify(st, token)
     key = claims["key"]
-    if st.storage.exists(key):
-        raise ApiError(409, "this upload URL was already used")
-    cap = max(st.settings.max_video_bytes, st.settings.max_image_bytes)
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > cap:
-        raise _too_large("media", cap)
-    chunks, n = [], 0
-    async for chunk in request.stream():
-        n += len(chunk)
-        if n > cap:
+    if key in _in_flight or st.storage.exists(key):
+        raise ApiError(409, "this upload URL was already used; ask for a new one")
+    _in_flight.add(key)
+    try:
+        cap = max(st.settings.max_video_bytes, st.settings.max_image_bytes)
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > cap:
             raise _too_large("media", cap)
-        chunks.append(chunk)
-    data = b"".join(chunks)
-    kind, mime = await run_in_threadpool(_check, st, data)
-    await run_in_threadpool(st.storage.put_bytes, key, data)
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > cap:
+                raise _too_large("media", cap)
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        kind, mime = await run_in_threadpool(_check, st, data)
+        await run_in_threadpool(st.storage.put_bytes, key, data)
+    finally:
+        _in_flight.discard(key)
     url = LocalStorage.url(st.base_url(request), key)
     return success({"type": kind, "content_type": mime, "size": len(data), "download_url": url, "url": url})
