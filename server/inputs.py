@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import mimetypes
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from server.errors import ApiError, bad_request
+from server.media_types import media_filename, sniff
 from server.schemas import MEDIA_FIELDS
 from server.storage import LocalStorage
 
@@ -50,11 +50,15 @@ def store_inline_media(
         # Cheap bound before decoding: base64 is 4/3 of the payload.
         if len(value) * 3 // 4 > limit + 1024:
             raise ApiError(413, f"{field}: inline media larger than the {limit // 2**20} MB limit")
-        data, mime = decode_data_uri(value, field)
+        data, _mime = decode_data_uri(value, field)
         if len(data) > limit:
             raise ApiError(413, f"{field}: inline media larger than the {limit // 2**20} MB limit")
-        ext = mimetypes.guess_extension(mime) or ".bin"
-        key = storage.put_bytes(LocalStorage.new_key(f"inputs/{job_id}", f"{field}{ext}"), data)
+        # The extension comes from the bytes, never the claimed type: a `data:text/html` input
+        # must not be served back as HTML from our origin. Undecodable bytes are kept as .bin
+        # and fail the job with the decoder's clear message.
+        found = sniff(data)
+        name = media_filename(field.replace("[", "").replace("]", ""), found[1] if found else None)
+        key = storage.put_bytes(LocalStorage.new_key(f"inputs/{job_id}", name), data)
         return LocalStorage.url(base_url, key)
 
     out = dict(inp)

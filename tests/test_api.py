@@ -151,3 +151,17 @@ def test_data_uri_inputs_are_moved_to_storage(app_client, tmp_path):
 def test_media_route_refuses_traversal(app_client):
     assert app_client.get("/media/../jobs.sqlite3").status_code == 404
     assert app_client.get("/media/%2e%2e/jobs.sqlite3").status_code == 404
+
+
+def test_inline_html_is_not_served_as_html(app_client, tmp_path):
+    import base64
+
+    html = base64.b64encode(b"<html><script>alert(1)</script></html>").decode()
+    d = submit(app_client, {"prompt": "x", "first_image": f"data:text/html;base64,{html}"}).json()["data"]
+    from server.store.sqlite import SqliteJobStore
+
+    url = SqliteJobStore(tmp_path / "jobs.sqlite3").get(d["id"]).input["first_image"]
+    assert url.endswith(".bin")
+    r = app_client.get(url.replace("http://testserver", ""))
+    assert r.headers["content-type"] == "application/octet-stream"
+    assert r.headers["x-content-type-options"] == "nosniff"

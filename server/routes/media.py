@@ -25,4 +25,5 @@ def media(key: str, request: Request) -> FileResponse:
     if not path.is_file():
         raise ApiError(404, "media not found")
     ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=ctype)
+    # nosniff: browsers must not second-guess the type into something executable.
+    return FileResponse(path, media_type=ctype, headers={"X-Content-Type-Options": "nosniff"})
