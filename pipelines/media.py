@@ -250,10 +250,14 @@ def _read_video(
         container = av.open(io.BytesIO(data), mode="r",
                             options={"format_whitelist": _VIDEO_DEMUXERS})
     except Exception:
+        if _isobmff_missing_bytes(data):  # cut inside the index itself
+            raise _truncated(field, 0) from None
         raise MediaAccessError(f"{field}: not a decodable video{_sniff(data)}") from None
 
     with container:
         if not container.streams.video:
+            if _isobmff_missing_bytes(data):
+                raise _truncated(field, 0)
             raise MediaAccessError(f"{field}: the file has no video track{_sniff(data)}")
         stream = container.streams.video[0]
         declared = (stream.codec_context.width or 0) * (stream.codec_context.height or 0)
@@ -291,7 +295,7 @@ def _read_video(
                 n += 1
 
         try:
-            for frame in _frames(container, stream, field):
+            for frame in _frames(container, stream, field, cut=_isobmff_missing_bytes(data) > 0):
                 decoded += 1
                 if frame.width * frame.height > max_source_pixels:
                     raise _source_too_large(field, frame.width, frame.height, max_source_pixels)
@@ -330,12 +334,46 @@ def _read_video(
         return out[:n]
 
 
-def _frames(container, stream, field: str):
+# Top-level box types an MP4/MOV file can start with (ISO BMFF; QuickTime's older layouts).
+_ISOBMFF_LEADING_BOXES = frozenset(
+    {b"ftyp", b"styp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"}
+)
+
+
+def _isobmff_missing_bytes(data: bytes) -> int:
+    """For an MP4/MOV file, how many bytes its top-level boxes declare beyond the end of `data`
+    (0: complete, or not an MP4). FFmpeg's MP4 demuxer reads packets from the index in the
+    `moov` box; a file cut at a packet boundary (a stopped upload or download) then just ends
+    early without any error, and would pass as a shorter clip. A `moov` or `mdat` box that
+    declares more bytes than the file holds is exactly that cut."""
+    if data[4:8] not in _ISOBMFF_LEADING_BOXES:
+        return 0
+    n, off = len(data), 0
+    while off + 8 <= n:
+        size, header = int.from_bytes(data[off : off + 4], "big"), 8
+        if size == 1:  # 64-bit size follows the type
+            if off + 16 > n:
+                return off + 16 - n
+            size, header = int.from_bytes(data[off + 8 : off + 16], "big"), 16
+        elif size == 0:  # the box extends to the end of the file
+            return 0
+        if size < header:
+            return 0  # not a box structure after all: leave the verdict to the demuxer
+        if off + size > n:
+            return off + size - n
+        off += size
+    return 0
+
+
+def _frames(container, stream, field: str, *, cut: bool = False):
     """Decoded frames of `stream`. Demuxed by hand because with frame threading the decoder
     swallows the error of a cut-off last packet and the clip would just end early: the demuxer
     flags a short read as a corrupt packet, and a file whose data ends on one is truncated. (A
     corrupt packet mid-stream, e.g. a glitch in a broadcast recording, is left to the decoder's
-    error concealment.)"""
+    error concealment.) A file cut exactly between two packets raises no flag at all: `cut`
+    (from the container's own declared length, `_isobmff_missing_bytes`) catches that one.
+    Either way only a decode that reaches the cut fails: the frames before it are usable when
+    the caller needs no more."""
     ended_corrupt = False
     count = 0
     for packet in container.demux(stream):
@@ -344,7 +382,7 @@ def _frames(container, stream, field: str):
         for frame in stream.decode(packet):
             count += 1
             yield frame
-    if ended_corrupt:
+    if ended_corrupt or cut:
         raise _truncated(field, count)
 
 

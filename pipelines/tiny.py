@@ -113,6 +113,8 @@ def render_size(width: int, height: int, downscale: int) -> tuple[int, int]:
         return width, height
 
     def side(v: int) -> int:
-        return max(16, int(round(v / downscale / 16)) * 16)
+        # Half rounds UP (832/8 = 104 -> 112, as documented), not to even as round() would
+        # (104 -> 96): 112x64 keeps 832x480's aspect ratio far better than 96x64.
+        return max(16, int(v / downscale / 16 + 0.5) * 16)
 
     return side(width), side(height)
