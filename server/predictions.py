@@ -62,6 +62,9 @@ def prediction_object(
         data["seed"] = job.seed
     if completed:
         data["safety_checked"] = bool(job.extra.get("safety_checked", False))
+        if job.extra.get("render_size"):
+            # What the model actually rendered before scaling (the tiny model renders small).
+            data["render_size"] = list(job.extra["render_size"])
         cond = job.extra.get("conditioning")
         if cond:
             data["conditioning"] = _conditioning_urls(cond, base_url)

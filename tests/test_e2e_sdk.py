@@ -65,3 +65,14 @@ def test_random_seed_is_reported(live_server):
         assert d["status"] == "completed" and 0 <= d["seed"] < 2**31
         assert d["progress"] == 1.0 and d["timings"]["inference"] > 0
         assert d["has_nsfw_contents"] == [False] and d["safety_checked"] is False
+
+
+def test_render_size_is_reported(live_server):
+    from tests.conftest import wait_terminal
+
+    with live_server.client() as c:
+        jid = c.post(f"/api/v3/{MODEL}", json={"prompt": "x", **FAST}).json()["data"]["id"]
+        d = wait_terminal(c, jid)
+    # The tiny model renders each side / 8, rounded half up to 16 px (README, /health).
+    assert d["render_size"] == [112, 64]
+    assert "1/8" in httpx.get(live_server.url + "/health").json()["model"]["render"]
