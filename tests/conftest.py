@@ -116,9 +116,12 @@ def live_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 def wait_terminal(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
+    """Poll like a client until the job ends; every poll, a failed job's too, is an HTTP 200."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        data = client.get(f"/api/v3/predictions/{job_id}/result").json()["data"]
+        r = client.get(f"/api/v3/predictions/{job_id}/result")
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
         if data["status"] in ("completed", "failed", "cancelled"):
             return data
         time.sleep(0.2)

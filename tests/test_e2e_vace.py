@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from pipelines.media import fit_cover
-from tests.conftest import FAST, ServerProcess
+from tests.conftest import FAST, ServerProcess, wait_terminal
 from tests.vace_media import (
     MediaServer,
     box_mask,
@@ -162,18 +162,7 @@ def submit(client: httpx.Client, fields: dict) -> str:
 
 
 def wait(client: httpx.Client, job_id: str, timeout: float = 600) -> dict:
-    # Generous: the whole module's queue is ahead of the last jobs, on a shared CPU.
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = client.get(f"/api/v3/predictions/{job_id}/result")
-        assert r.status_code == 200, r.text  # a failed job is still an HTTP 200 poll
-        data = r.json()["data"]
-        if data["status"] in ("completed", "failed", "cancelled"):
-            return data
-        time.sleep(0.2)
-    raise TimeoutError(f"job {job_id} did not finish: {data}")
+    return wait_terminal(client, job_id, timeout)
 
 
 def get(url: str) -> bytes:
