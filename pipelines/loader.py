@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pipelines.manifest import read_manifest
 from pipelines.weights import (
     DIFFUSERS_VACE_LAYOUT,
     KIND_RANDOM,
@@ -31,7 +32,6 @@ from pipelines.weights import (
     get_entry,
     load_catalog,
     not_available_error,
-    read_manifest,
 )
 
 if TYPE_CHECKING:

@@ -25,10 +25,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 try:
-    from pipelines import weights
+    from pipelines import manifest, weights
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pipelines import weights
+    from pipelines import manifest, weights
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -58,7 +58,7 @@ def hub_snapshot_download(*, repo_id: str, revision: str, local_dir: Path, allow
     )
 
 
-def remote_files(siblings: Iterable, allow_patterns: Iterable[str]) -> list[weights.RemoteFile]:
+def remote_files(siblings: Iterable, allow_patterns: Iterable[str]) -> list[manifest.RemoteFile]:
     """The Hub's files selected by `allow_patterns` (huggingface_hub's own matching rules)."""
     from huggingface_hub.utils import filter_repo_objects
 
@@ -70,7 +70,7 @@ def remote_files(siblings: Iterable, allow_patterns: Iterable[str]) -> list[weig
         lfs = getattr(s, "lfs", None)
         sha256 = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
         out.append(
-            weights.RemoteFile(
+            manifest.RemoteFile(
                 path=s.rfilename,
                 size=getattr(s, "size", None),
                 sha256=sha256,
@@ -119,7 +119,7 @@ def fetch(entry: weights.ModelEntry, weights_root: Path) -> int:
 
     folder.mkdir(parents=True, exist_ok=True)
     # A manifest means "complete and verified"; it must not survive into a half-done refetch.
-    (folder / weights.MANIFEST_NAME).unlink(missing_ok=True)
+    (folder / manifest.MANIFEST_NAME).unlink(missing_ok=True)
 
     todo = sum(
         r.size or 0
@@ -145,7 +145,7 @@ def fetch(entry: weights.ModelEntry, weights_root: Path) -> int:
             err(f"download failed ({type(e).__name__}: {e}); run the same command to resume")
             return EXIT_FAILED
         say("verifying checksums")
-        problems, files = weights.verify_remote_files(folder, remote, progress=_progress)
+        problems, files = manifest.verify_remote_files(folder, remote, progress=_progress)
         if not problems or attempt == 2:
             break
         say(f"{len(problems)} file(s) failed verification; downloading them again:")
@@ -154,7 +154,7 @@ def fetch(entry: weights.ModelEntry, weights_root: Path) -> int:
         for rel in (r.path for r in remote if r.path not in files):
             (folder / rel).unlink(missing_ok=True)
             # huggingface_hub would otherwise trust its record of the earlier download.
-            meta = folder / weights.HF_LOCAL_CACHE / "huggingface" / "download" / f"{rel}.metadata"
+            meta = folder / manifest.HF_LOCAL_CACHE / "huggingface" / "download" / f"{rel}.metadata"
             meta.unlink(missing_ok=True)
 
     if problems:
@@ -163,9 +163,9 @@ def fetch(entry: weights.ModelEntry, weights_root: Path) -> int:
             print(f"  {p}", file=sys.stderr)
         return EXIT_FAILED
 
-    manifest = weights.build_manifest(folder, files, model=entry.name, repo_id=entry.repo_id, revision=commit)
-    weights.write_manifest(folder, manifest)
-    say(f"ok: {len(files)} files verified; manifest {folder / weights.MANIFEST_NAME}")
+    record = manifest.build_manifest(folder, files, model=entry.name, repo_id=entry.repo_id, revision=commit)
+    manifest.write_manifest(folder, record)
+    say(f"ok: {len(files)} files verified; manifest {folder / manifest.MANIFEST_NAME}")
     if not entry.pinned:
         say(f'to pin this download, set revision = "{commit}" for {entry.name} in weights.toml')
     return EXIT_OK
@@ -181,8 +181,8 @@ def verify_only(entry: weights.ModelEntry, weights_root: Path) -> int:
             print(f"  {m}", file=sys.stderr)
         print(f"fetch it with: {cmd}", file=sys.stderr)
         return EXIT_FAILED
-    say(f"{entry.name}: verifying {folder} against {weights.MANIFEST_NAME}")
-    problems = weights.verify_manifest(folder, progress=_progress)
+    say(f"{entry.name}: verifying {folder} against {manifest.MANIFEST_NAME}")
+    problems = manifest.verify_manifest(folder, progress=_progress)
     if problems:
         err(f"{entry.name}: {len(problems)} file(s) failed verification:")
         for p in problems:

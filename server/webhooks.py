@@ -68,7 +68,7 @@ class WebhookDispatcher:
             self._thread.join(timeout=self.s.webhook_timeout + 2)
 
     def _loop(self) -> None:
-        from server.fetch import guarded_client
+        from server.netguard import guarded_client
 
         # The media fetcher's connect-time guard: loopback, private, link-local and metadata
         # addresses are refused unless WAN_VACE_ALLOW_PRIVATE_URLS is on, after DNS too.
@@ -100,7 +100,7 @@ class WebhookDispatcher:
             "webhook-signature": signature(self.secret, d.event_id, ts, body),
             "User-Agent": "wan-vace-webhooks/1",
         }
-        from server.fetch import AddressRefused
+        from server.netguard import AddressRefused
 
         try:
             r = client.post(d.url, content=body, headers=headers)

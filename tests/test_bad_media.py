@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 import zlib
 
 import httpx
 import pytest
 
-from tests.conftest import FAST, ROOT, ServerProcess
+from tests.conftest import FAST, ROOT, ServerProcess, wait_terminal
 from tests.vace_media import MediaServer, data_uri, gradient, moving_frames, mp4, png, solid
 
 MODEL = "wavespeed-ai/wan-2.1-14b-vace"
@@ -31,10 +30,10 @@ import os
 
 _ip = os.environ.get("WAN_VACE_TEST_PUBLIC_IP")
 if _ip:
-    import server.fetch as _fetch
+    import server.netguard as _netguard
 
-    _real = _fetch.is_forbidden_address
-    _fetch.is_forbidden_address = lambda ip: False if ip == _ip else _real(ip)
+    _real = _netguard.is_forbidden_address
+    _netguard.is_forbidden_address = lambda ip: False if ip == _ip else _real(ip)
 '''
 
 # Retry markers: WaveSpeed SDKs re-submit (paid) tasks whose error contains these (errors.py).
@@ -87,15 +86,7 @@ def submit(client: httpx.Client, fields: dict) -> str:
 
 
 def wait(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = client.get(f"/api/v3/predictions/{job_id}/result")
-        assert r.status_code == 200, r.text  # a failed job is still an HTTP 200 poll
-        data = r.json()["data"]
-        if data["status"] in ("completed", "failed", "cancelled"):
-            return data
-        time.sleep(0.2)
-    raise TimeoutError(f"job {job_id} did not finish: {data}")
+    return wait_terminal(client, job_id, timeout)
 
 
 def assert_failed(client: httpx.Client, fields: dict, code: int, field: str, *needles: str) -> str:

@@ -1,4 +1,5 @@
-"""server/fetch.py against a real HTTP server on loopback (no internet is needed or used)."""
+"""server/fetch.py and server/netguard.py against a real HTTP server on loopback (no internet is
+needed or used)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from server import fetch
+from server import netguard
 from server.errors import CODE_MEDIA_ACCESS, MediaAccessError
-from server.fetch import FetchPolicy, MediaTemporarilyUnavailable, fetch_media, is_forbidden_address
+from server.fetch import FetchPolicy, MediaTemporarilyUnavailable, fetch_media
+from server.netguard import is_forbidden_address
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4  # content is opaque to the fetcher
 HTML = b"<!DOCTYPE html><html><body>Not found, but served with 200</body></html>"
@@ -265,7 +267,7 @@ def test_unresolvable_host(monkeypatch):
     def no_dns(host):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    monkeypatch.setattr(fetch, "_resolve", no_dns)
+    monkeypatch.setattr(netguard, "_resolve", no_dns)
     with pytest.raises(MediaAccessError, match=r"^video: could not resolve the host name"):
         fetch_media("https://nowhere.invalid/x.mp4", "video", DEFAULT)
 
@@ -301,11 +303,11 @@ def public_stand_in(monkeypatch):
         server = _serve("127.0.0.2")
     except OSError:
         pytest.skip("this OS cannot bind 127.0.0.2 (only Linux routes all of 127/8)")
-    real = fetch.is_forbidden_address
-    monkeypatch.setattr(fetch, "is_forbidden_address", lambda ip: ip != "127.0.0.2" and real(ip))
-    real_resolve = fetch._resolve
+    real = netguard.is_forbidden_address
+    monkeypatch.setattr(netguard, "is_forbidden_address", lambda ip: ip != "127.0.0.2" and real(ip))
+    real_resolve = netguard._resolve
     monkeypatch.setattr(
-        fetch, "_resolve",
+        netguard, "_resolve",
         lambda host: ["127.0.0.2"] if host == "public.test" else real_resolve(host),
     )
     server.base = f"http://public.test:{server.server_address[1]}"  # type: ignore[attr-defined]
@@ -337,7 +339,7 @@ def test_dns_rebinding_is_refused_at_connect(monkeypatch, srv):
     """The name answers a public address to the pre-check and loopback afterwards: the
     connection is made only to vetted addresses, so this fails instead of reaching 127.0.0.1."""
     answers = iter([["8.8.8.8"]])
-    monkeypatch.setattr(fetch, "_resolve", lambda host: next(answers, ["127.0.0.1"]))
+    monkeypatch.setattr(netguard, "_resolve", lambda host: next(answers, ["127.0.0.1"]))
     before = len(srv.hits)
     port = srv.server_address[1]
     with pytest.raises(MediaAccessError, match=r"^video: .*private or loopback address \(127"):
@@ -346,7 +348,7 @@ def test_dns_rebinding_is_refused_at_connect(monkeypatch, srv):
 
 
 def test_any_forbidden_address_refuses_the_host(monkeypatch):
-    monkeypatch.setattr(fetch, "_resolve", lambda host: ["8.8.8.8", "10.0.0.5"])
+    monkeypatch.setattr(netguard, "_resolve", lambda host: ["8.8.8.8", "10.0.0.5"])
     with pytest.raises(MediaAccessError, match=r"\(10\.0\.0\.5\)"):
         fetch_media("https://mixed.test/x.png", "video", DEFAULT)
 
@@ -436,9 +438,9 @@ def test_local_resolver_bypasses_http(srv):
 
 def test_guarded_client_refuses_at_connect(srv):
     """The client offered to other outbound callers (webhooks) carries the same guard."""
-    with fetch.guarded_client(allow_private=False, timeout=5.0) as client:
-        with pytest.raises(fetch.AddressRefused) as ei:
+    with netguard.guarded_client(allow_private=False, timeout=5.0) as client:
+        with pytest.raises(netguard.AddressRefused) as ei:
             client.post(srv.base + "/hook", content=b"{}")
     assert ei.value.ip == "127.0.0.1"
-    with fetch.guarded_client(allow_private=True, timeout=5.0) as client:
+    with netguard.guarded_client(allow_private=True, timeout=5.0) as client:
         assert client.get(srv.base + "/ok.png").content == PNG_BYTES

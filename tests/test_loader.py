@@ -15,14 +15,9 @@ import pytest
 import torch
 
 from pipelines.loader import ModelNotAvailable, load_pipeline, load_pipeline_from_dir
+from pipelines.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from pipelines.tiny import build_tiny_pipeline
-from pipelines.weights import (
-    MANIFEST_NAME,
-    build_manifest,
-    fetch_command,
-    load_catalog,
-    write_manifest,
-)
+from pipelines.weights import fetch_command, load_catalog
 
 BF16, FP32 = torch.bfloat16, torch.float32
 

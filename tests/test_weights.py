@@ -17,20 +17,22 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipelines.weights import (
+from pipelines.manifest import (
     MANIFEST_NAME,
-    CatalogError,
     RemoteFile,
     build_manifest,
-    check_complete,
-    default_weights_root,
-    fetch_command,
-    load_catalog,
     read_manifest,
     sha256_file,
     verify_manifest,
     verify_remote_files,
     write_manifest,
+)
+from pipelines.weights import (
+    CatalogError,
+    check_complete,
+    default_weights_root,
+    fetch_command,
+    load_catalog,
 )
 
 REPO = Path(__file__).resolve().parents[1]
