@@ -51,6 +51,13 @@ def create_app(settings: Settings) -> FastAPI:
     from server.webhooks import WebhookDispatcher, webhook_payload_builder
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.storage_url:
+        # Refused rather than ignored: outputs silently landing on local disk would be lost to
+        # every other replica.
+        raise NotImplementedError(
+            "WAN_VACE_STORAGE_URL (S3-compatible storage) is not supported yet; unset it to keep "
+            "outputs and uploads in the data dir"
+        )
     store = open_store(settings)
     store.webhook_payload = webhook_payload_builder(settings)  # type: ignore[attr-defined]
     keys = settings.effective_api_keys()

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     weights_dir: Path | None = None  # default: <data_dir>/weights
     # Unset: a SQLite file in the data dir. `postgresql://...` is for the scale-out issue.
     database_url: str | None = None
+    # Unset: a folder in the data dir. `s3://bucket/prefix` is for the scale-out issue.
+    storage_url: str | None = None
     # Absolute origin clients reach us at (behind a proxy). Unset: the request's own base URL.
     public_url: str | None = None
 

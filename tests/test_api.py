@@ -165,3 +165,10 @@ def test_inline_html_is_not_served_as_html(app_client, tmp_path):
     r = app_client.get(url.replace("http://testserver", ""))
     assert r.headers["content-type"] == "application/octet-stream"
     assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_settings_not_supported_yet_fail_at_startup(tmp_path):
+    with pytest.raises(NotImplementedError, match="WAN_VACE_STORAGE_URL"):
+        create_app(Settings(data_dir=tmp_path, workers=0, storage_url="s3://bucket/x"))
+    with pytest.raises(NotImplementedError, match="PostgreSQL"):
+        create_app(Settings(data_dir=tmp_path, workers=0, database_url="postgresql://127.0.0.1/test"))
