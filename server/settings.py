@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # after at most lease_seconds; they are retried until max_attempts, then failed clearly.
     lease_seconds: float = 30.0
     max_attempts: int = 2
+    # A job that failed for a transient reason (a media host answering 503, a fetch that timed
+    # out) waits this many seconds times its attempts before it is claimed again.
+    retry_delay: float = 5.0
     # How often the worker looks for work when idle.
     poll_interval: float = 0.25
     # Queued (not yet running) jobs accepted at once; beyond it submit answers 429.

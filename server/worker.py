@@ -168,7 +168,12 @@ class Worker:
             else:
                 log.info("job %s failed: %s", job.id, message)
             self.store.fail(
-                job.id, self.id, code=code, error=message, retryable=getattr(e, "retryable", False)
+                job.id,
+                self.id,
+                code=code,
+                error=message,
+                retryable=getattr(e, "retryable", False),
+                retry_delay=self.s.retry_delay,
             )
         _ = FetchedMedia  # imported here so the heavy modules load in the worker only
 

@@ -107,8 +107,10 @@ def test_cancel(store):
 def test_retryable_failure(store):
     store.create(new("a"))
     store.claim("w1", 30)
-    assert store.fail("a", "w1", code=1402, error="media timed out", retryable=True) is State.CREATED
-    store.claim("w1", 30)
+    assert store.fail("a", "w1", code=1402, error="media timed out", retryable=True, retry_delay=0.2) is State.CREATED
+    assert store.claim("w1", 30) is None  # waits out the retry delay
+    time.sleep(0.25)
+    assert store.claim("w1", 30).attempts == 2
     assert store.fail("a", "w1", code=1402, error="media timed out", retryable=True) is State.FAILED
     assert store.get("a").code == 1402
 

@@ -43,6 +43,7 @@ class Job:
     webhook_url: str | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+    available_at: float | None = None
 
 
 @dataclass
@@ -140,8 +141,10 @@ class JobStore(ABC):
         error: str,
         retryable: bool = False,
         seed: int | None = None,
+        retry_delay: float = 0.0,
     ) -> State | None:
-        """Fail a job (or re-queue it when `retryable` and attempts remain). With a worker id
+        """Fail a job (or re-queue it when `retryable` and attempts remain, claimable again
+        after `retry_delay` x attempts so far seconds). With a worker id
         only while that worker holds the lease. Returns the new state, or None if nothing
         changed."""
 

@@ -52,7 +52,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     extra TEXT NOT NULL DEFAULT '{}',
     webhook_url TEXT,
     idempotency_key TEXT UNIQUE,
-    request_hash TEXT
+    request_hash TEXT,
+    -- A job re-queued after a transient failure waits until then (NULL: claimable now).
+    available_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_lease ON jobs (status, lease_expires);
@@ -221,7 +223,9 @@ class SqliteJobStore(JobStore):
     def claim(self, worker_id: str, lease_seconds: float) -> Job | None:
         with self._tx() as c:
             row = c.execute(
-                "SELECT * FROM jobs WHERE status = 'created' ORDER BY created_at, id LIMIT 1"
+                "SELECT * FROM jobs WHERE status = 'created'"
+                " AND (available_at IS NULL OR available_at <= ?) ORDER BY created_at, id LIMIT 1",
+                (time.time(),),
             ).fetchone()
             if row is None:
                 return None
@@ -299,6 +303,7 @@ class SqliteJobStore(JobStore):
         error: str,
         retryable: bool = False,
         seed: int | None = None,
+        retry_delay: float = 0.0,
     ) -> State | None:
         with self._tx() as c:
             job = self._get(c, job_id)
@@ -306,9 +311,17 @@ class SqliteJobStore(JobStore):
                 return None
             extra = {"seed": seed} if seed is not None else {}
             if retryable and job.status is State.PROCESSING:
-                # Same path as a lost lease: re-queue while attempts remain.
+                # Same path as a lost lease: re-queue while attempts remain, after a pause that
+                # gives a briefly unavailable media host time to recover.
                 return self._transition(
-                    c, job, Event.LEASE_LOST, owner=worker_id, error=error, code=code, **extra
+                    c,
+                    job,
+                    Event.LEASE_LOST,
+                    owner=worker_id,
+                    error=error,
+                    code=code,
+                    available_at=time.time() + retry_delay * job.attempts,
+                    **extra,
                 )
             return self._transition(c, job, Event.FAIL, owner=worker_id, error=error, code=code, **extra)
 
