@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     fetch_timeout: float = 30.0
     max_image_bytes: int = 20 * 1024 * 1024
     max_video_bytes: int = 100 * 1024 * 1024
+    # A submit body (inline data: media included) larger than this is refused with 413.
+    max_request_bytes: int = 256 * 1024 * 1024
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -172,3 +172,20 @@ def test_settings_not_supported_yet_fail_at_startup(tmp_path):
         create_app(Settings(data_dir=tmp_path, workers=0, storage_url="s3://bucket/x"))
     with pytest.raises(NotImplementedError, match="PostgreSQL"):
         create_app(Settings(data_dir=tmp_path, workers=0, database_url="postgresql://127.0.0.1/test"))
+
+
+def test_queue_position_of_queued_jobs(app_client):
+    ids = [submit(app_client).json()["data"]["id"] for _ in range(3)]
+    positions = [app_client.get(f"/api/v3/predictions/{i}/result").json()["data"]["queue_position"] for i in ids]
+    assert positions == [0, 1, 2]
+    app_client.post(f"/api/v3/predictions/{ids[0]}/cancel")
+    assert app_client.get(f"/api/v3/predictions/{ids[2]}/result").json()["data"]["queue_position"] == 1
+    assert "queue_position" not in app_client.get(f"/api/v3/predictions/{ids[0]}/result").json()["data"]
+
+
+def test_oversized_submit_body_is_413(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path, workers=0, open_access=True, max_request_bytes=1000))
+    with TestClient(app) as c:
+        r = submit(c, {"prompt": "x" * 2000})
+        assert r.status_code == 413 and "media/uploads" in r.json()["message"]
+        assert submit(c, {"prompt": "x" * 100}).status_code == 200

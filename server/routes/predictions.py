@@ -31,9 +31,28 @@ _BASE64_WEBHOOK = (
 )
 
 
+async def _read_capped(request: Request, cap: int) -> bytes:
+    """The body, refused with 413 past `cap` bytes without holding more than that in memory."""
+    too_large = ApiError(
+        413,
+        f"request body larger than {cap // 2**20} MB; upload large media first "
+        "(POST /api/v3/media/uploads) and send its URL",
+    )
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise too_large
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > cap:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _json_body(request: Request, *, empty: Any = None) -> Any:
     """The parsed JSON body; `empty` (when not None) stands for an empty body."""
-    raw = await request.body()
+    raw = await _read_capped(request, state_of(request).settings.max_request_bytes)
     if not raw.strip():
         if empty is not None:
             return empty
@@ -56,7 +75,11 @@ def _check_webhook_url(url: str) -> None:
 
 
 def _data(st: AppState, request: Request, job: Job) -> dict[str, Any]:
-    return prediction_object(job, st.base_url(request), storage=st.storage)
+    data = prediction_object(job, st.base_url(request), storage=st.storage)
+    if job.status is State.CREATED:
+        # Extension: where a queued job stands (peers' users ask for it; WaveSpeed has none).
+        data["queue_position"] = st.store.queue_position(job)
+    return data
 
 
 @router.post(f"/api/v3/{MODEL_ID}")

@@ -164,6 +164,10 @@ class JobStore(ABC):
     def queue_depth(self) -> int: ...
 
     @abstractmethod
+    def queue_position(self, job: Job) -> int:
+        """How many queued jobs will be claimed before `job` (0 = next)."""
+
+    @abstractmethod
     def count_by_status(self) -> dict[str, int]: ...
 
     @abstractmethod

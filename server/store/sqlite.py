@@ -366,6 +366,15 @@ class SqliteJobStore(JobStore):
         with self._conn() as c:
             return c.execute("SELECT COUNT(*) FROM jobs WHERE status = 'created'").fetchone()[0]
 
+    def queue_position(self, job: Job) -> int:
+        # The claim order: created_at, then id.
+        with self._conn() as c:
+            return c.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'created'"
+                " AND (created_at < ? OR (created_at = ? AND id < ?))",
+                (job.created_at, job.created_at, job.id),
+            ).fetchone()[0]
+
     def count_by_status(self) -> dict[str, int]:
         with self._conn() as c:
             rows = c.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
