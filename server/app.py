@@ -46,7 +46,7 @@ def state_of(request: Request) -> AppState:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    from server.routes import health, media, predictions
+    from server.routes import health, media, platform, predictions, uploads
     from server.supervisor import Supervisor
     from server.webhooks import WebhookDispatcher, webhook_payload_builder
 
@@ -87,12 +87,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="wan-vace", version="0.1.0", lifespan=lifespan)
     app.state.wan = st
     _install_error_mapping(app)
-    for module in (predictions, health, media):
+    for module in (predictions, health, media, uploads, platform):
         app.include_router(module.router)
-    from server.routes import platform, uploads
-
-    app.include_router(uploads.router)
-    app.include_router(platform.router)
     return app
 
 

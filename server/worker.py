@@ -130,8 +130,6 @@ class Worker:
         return progress
 
     def execute(self, job: Job) -> None:
-        from pipelines.runner import FetchedMedia
-
         progress = self._progress(job)
         try:
             with tempfile.TemporaryDirectory(prefix=f"wan-vace-{job.id}-") as tmp:
@@ -175,7 +173,6 @@ class Worker:
                 retryable=getattr(e, "retryable", False),
                 retry_delay=self.s.retry_delay,
             )
-        _ = FetchedMedia  # imported here so the heavy modules load in the worker only
 
     def fetch(self, job: Job) -> Any:
         from pipelines.runner import FetchedMedia

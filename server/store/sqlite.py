@@ -339,19 +339,17 @@ class SqliteJobStore(JobStore):
             rows = c.execute(f"SELECT * FROM jobs WHERE status = 'processing' AND {where}", params).fetchall()
             for row in rows:
                 job = _row_to_job(row)
-                if job.attempts >= job.max_attempts:
+                if job.attempts >= job.max_attempts:  # the state machine fails it
                     msg = (
                         f"{reason} while running this job (attempt {job.attempts} of "
                         f"{job.max_attempts}); it was not retried again."
                     )
-                else:
-                    msg = f"{reason}; the job was queued again."
-                new = self._transition(c, job, Event.LEASE_LOST, owner=job.lease_owner, error=msg, code=5000)
+                    code = 5000
+                else:  # re-queued: it keeps its history but is not an error (yet)
+                    msg, code = f"{reason}; the job was queued again.", 0
+                new = self._transition(c, job, Event.LEASE_LOST, owner=job.lease_owner, error=msg, code=code)
                 if new is not None:
                     ids.append(job.id)
-                    if new is State.CREATED:
-                        # A re-queued job keeps its history but is not an error (yet).
-                        c.execute("UPDATE jobs SET code = 0 WHERE id = ?", (job.id,))
         return ids
 
     def expire_leases(self, now: float | None = None) -> list[str]:
