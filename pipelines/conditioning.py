@@ -15,9 +15,9 @@ video under an all-ones mask):
 | `images` only (R2V)                   | None                                    | None                                  | refs reversed    |
 | `video` + task (control)              | preprocessor(task)(frames)              | None (all generate)                   | optional         |
 | `video` shorter than F (extension)    | frames + [gray] * (F - Fv)              | given mask (else 1), 1 after the clip | optional         |
-| `video` + `mask_video` (MV2V)         | preprocessor(task)(frames, mask)        | mask_video (1 past its end)           | optional         |
-| `video` + `mask_image`                | preprocessor(task)(frames, mask)        | mask_image repeated over the video    | optional         |
-| task `inpainting` (+ a mask)          | frames, masked pixels -> 128            | the mask                              | optional         |
+| `video` + `mask_video` (MV2V)         | preprocessor(task)(frames, mask)        | mask_video >= 128 (1 past its end)    | optional         |
+| `video` + `mask_image`                | preprocessor(task)(frames, mask)        | mask_image >= 128, repeated           | optional         |
+| task `inpainting` (+ a mask)          | frames, masked pixels -> 128            | the mask > 0 (official annotator)     | optional         |
 | `first_image`                         | [first] + [gray] * (F-1)                | [0] + [1] * (F-1)                     | optional         |
 | `last_image`                          | [gray] * (F-1) + [last]                 | [1] * (F-1) + [0]                     | optional         |
 | `first_image` + `last_image`          | [first] + [gray] * (F-2) + [last]       | 0, 1, ..., 1, 0                       | optional         |
@@ -29,18 +29,28 @@ Rules and decisions:
 - A mask without a video is refused (InvalidParameter): there is nothing to edit.
 - `mask_video` wins over `mask_image` when both are given. A `mask_video` shorter than the video
   is extended with white (generate) frames; mask frames past the end of the video are ignored
-  (the frames there are gray and always generated). Masks are binarised at > 127.
+  (the frames there are gray and always generated).
+- Mask thresholds (masks arrive as fitted luminance, soft edges included): the `inpainting` task
+  masks every value > 0, as the official InpaintingVideoAnnotator does, so anti-aliased edges
+  and soft brushes are regenerated, not kept (lossy video masks: H.264 noise in black counts as
+  masked, so send a PNG `mask_image`, a lossless video, or pure black); a mask given with any
+  other task is binarised at 0.5 (>= 128), as the official loader and diffusers do. Each
+  preprocessor states its threshold (`Preprocessor.mask_threshold`).
 - Extension: a source shorter than F is extended forward with gray frames under a white mask.
   The clip's own frames get the given mask, else white: with no mask the clip is a control
   signal; to *keep* its pixels (official `firstclip`) send `task: none` with a black
   `mask_image`.
-- `first_image`/`last_image` are fitted like the source video (`pipelines.media.fit_cover`:
-  resize to cover, centre crop, as official `prepare_source`) and overwrite frame 0 / F-1 of
-  the (control) video or of an all-gray video; the mask is 0 there whatever a given mask said.
-- Reference images are passed as RGB (alpha composited over white, as official
-  `_pillow_convert`) at their own size: diffusers fits each inside H x W on a white canvas
-  itself. They are passed REVERSED: diffusers prepends them to the latent one by one, so
-  passing [B, A] gives the official latent order [A, B, video] (vace.md §1 step 2).
+- `first_image`/`last_image` are fitted like the source video (`pipelines.geometry.fit_cover`:
+  the official resize-to-cover and integer centre crop) and overwrite frame 0 / F-1 of the
+  (control) video or of an all-gray video; the mask is 0 there whatever a given mask said.
+- Reference images are RGB (transparency composited over white: a deliberate deviation, the
+  official loader drops alpha) and letterboxed by us onto the white H x W canvas with the
+  official formula (`pipelines.geometry.letterbox`). diffusers would otherwise first floor each
+  side to a multiple of 8 with a Lanczos resize, squashing the aspect; on a canvas-sized image
+  its own fitting is a no-op. `reference_images_api_order` holds those canvases, which is what
+  `return_conditioning` shows. They are passed REVERSED: diffusers prepends them to the latent
+  one by one, so passing [B, A] gives the official latent order [A, B, video]
+  (vace.md §1 step 2).
 
 Representation (checked against diffusers 0.42.1, see tests/test_conditioning.py):
 - `video` is float32 (F, H, W, 3) in [0, 1]; diffusers maps x -> 2x - 1, so 0.5 becomes exactly
@@ -63,14 +73,14 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from pipelines.media import fit_cover
+from pipelines.geometry import fit_cover, letterbox
 from preprocessors.registry import Preprocessor, get_preprocessor
 from server.errors import InvalidParameter
 
 __all__ = ["Conditioning", "MediaInputs", "build_conditioning", "fit_cover", "to_rgb"]
 
-# diffusers floors a reference image's sides to multiples of 8 before fitting it: smaller
-# images would become empty and crash the pipeline.
+# A reference smaller than this carries no usable detail once fitted (and the API's image decoder
+# already refuses sides under 16); refused rather than letterboxed into a smear.
 _MIN_REF_SIDE = 8
 
 GRAY = 0.5
@@ -81,8 +91,9 @@ class MediaInputs:
     """Decoded media, already at the target size (pipelines/media.py)."""
 
     video: np.ndarray | None = None  # uint8 (Fv, H, W, 3), Fv <= num_frames
-    mask_video: np.ndarray | None = None  # uint8 (Fm, H, W) 0/255, Fm <= num_frames
-    mask_image: np.ndarray | None = None  # uint8 (H, W) 0/255
+    # Masks: uint8 luminance, 255 = generate, soft values kept (thresholded here, per task).
+    mask_video: np.ndarray | None = None  # (Fm, H, W), Fm <= num_frames
+    mask_image: np.ndarray | None = None  # (H, W)
     first_image: PIL.Image.Image | None = None  # any size; fitted here
     last_image: PIL.Image.Image | None = None
     images: list[PIL.Image.Image] = field(default_factory=list)  # references, API order
@@ -95,7 +106,7 @@ class Conditioning:
     video: np.ndarray | None  # float32 (F, H, W, 3) in [0, 1]; None = no source (T2V / R2V)
     mask: np.ndarray | None  # float32 (F, H, W, 1), exactly 0/1 (1 = generate); None = all 1
     reference_images: list[PIL.Image.Image]  # order passed to diffusers (API order reversed)
-    reference_images_api_order: list[PIL.Image.Image]
+    reference_images_api_order: list[PIL.Image.Image]  # W x H canvases, API order
     width: int
     height: int
     num_frames: int
@@ -115,7 +126,8 @@ class Conditioning:
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """RGB; transparency composited over white (as the official loader does)."""
+    """RGB; transparency composited over white (the official loader drops alpha instead; a
+    transparent background should read as the white VACE references are expected on)."""
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in image.info:
@@ -140,9 +152,9 @@ def _check_array(name: str, arr: np.ndarray, ndim: int, tail: tuple[int, ...], m
         raise ValueError(f"{name} has {arr.shape[0]} frames; expected 1..{max_frames}")
 
 
-def _binary(mask: np.ndarray) -> np.ndarray:
-    """uint8 0/255 (255 = generate), binarised at > 127 like the pipeline (> 0.5)."""
-    return np.where(mask > 127, np.uint8(255), np.uint8(0))
+def _binary(mask: np.ndarray, threshold: int) -> np.ndarray:
+    """uint8 0/255 (255 = generate): values >= `threshold` are generated."""
+    return np.where(mask >= threshold, np.uint8(255), np.uint8(0))
 
 
 def build_conditioning(
@@ -186,7 +198,7 @@ def build_conditioning(
         raise InvalidParameter(f"{field_name} needs a video to edit: give video as well")
     if media.first_image is not None and media.last_image is not None and F < 2:
         raise InvalidParameter("first_image and last_image need at least 2 frames")
-    refs_api = _check_refs(media.images, F)
+    refs_api = _check_refs(media.images, F, W, H)
 
     parts: list[str] = []
     video: np.ndarray | None = None
@@ -202,9 +214,11 @@ def build_conditioning(
         if media.mask_video is not None:
             src_mask = np.full((fv, H, W), 255, dtype=np.uint8)
             n = min(fv, media.mask_video.shape[0])
-            src_mask[:n] = _binary(media.mask_video[:n])
+            src_mask[:n] = _binary(media.mask_video[:n], pre.mask_threshold)
         elif media.mask_image is not None:
-            src_mask = np.broadcast_to(_binary(media.mask_image), (fv, H, W)).copy()
+            src_mask = np.broadcast_to(
+                _binary(media.mask_image, pre.mask_threshold), (fv, H, W)
+            ).copy()
 
         frames, out_mask = pre(media.video, src_mask)
         if not (
@@ -267,7 +281,10 @@ def build_conditioning(
     )
 
 
-def _check_refs(images: list[PIL.Image.Image], num_frames: int) -> list[PIL.Image.Image]:
+def _check_refs(
+    images: list[PIL.Image.Image], num_frames: int, width: int, height: int
+) -> list[PIL.Image.Image]:
+    """The references letterboxed onto the W x H canvas, API order."""
     refs: list[PIL.Image.Image] = []
     for i, img in enumerate(images or []):
         if not isinstance(img, PIL.Image.Image):
@@ -277,7 +294,7 @@ def _check_refs(images: list[PIL.Image.Image], num_frames: int) -> list[PIL.Imag
                 f"images[{i}] is {img.width}x{img.height} pixels; reference images need at "
                 f"least {_MIN_REF_SIDE}x{_MIN_REF_SIDE}"
             )
-        refs.append(to_rgb(img))
+        refs.append(letterbox(to_rgb(img), width, height))
     # diffusers zero-pads the mask for each reference by slicing the video's latent frames, so
     # there can be no more references than latent frames (vace.md §1 step 3).
     latent_frames = (num_frames - 1) // 4 + 1

@@ -9,8 +9,8 @@ Everything here takes bytes that came from an API caller, so it is written defen
 - every failure raises `MediaAccessError` (undecodable input, code 1402) or `InvalidParameter`
   (decodable but unacceptable, code 1401) with a message that starts with the request field.
 
-Geometry follows the official VACE `prepare_source`: resize to COVER the target size keeping the
-aspect ratio, then centre-crop. Timing follows our API decision (design/vace.md §5 end): a source
+Geometry is the official VACE one (`pipelines.geometry.fit_cover`): resize to cover the target
+size to rounded whole pixels, then an integer centre crop. Timing follows our API decision (design/vace.md §5 end): a source
 video is read in real time at `fps`, output frame i being the source frame on screen at i/fps.
 """
 
@@ -27,6 +27,7 @@ import numpy as np
 from av.video.reformatter import ColorRange, Colorspace
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipelines.geometry import fit_cover
 from server.errors import InvalidParameter, MediaAccessError
 
 __all__ = [
@@ -90,26 +91,10 @@ def _empty(field: str) -> MediaAccessError:
     return MediaAccessError(f"{field}: the file is empty")
 
 
-def fit_cover(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Resize `image` to cover `width` x `height` keeping its aspect ratio, then centre-crop to
-    exactly that size (official VACE `prepare_source`). Done as one resample of the centred crop
-    box, which is both exact in size and cheaper than resizing the parts that get cropped away."""
-    if width < 1 or height < 1:
-        raise ValueError(f"target size must be positive, got {width}x{height}")
-    w, h = image.size
-    if (w, h) == (width, height):
-        return image
-    scale = max(width / w, height / h)
-    crop_w, crop_h = width / scale, height / scale
-    left, top = (w - crop_w) / 2, (h - crop_h) / 2
-    return image.resize(
-        (width, height), Image.Resampling.BICUBIC, box=(left, top, left + crop_w, top + crop_h)
-    )
-
-
-def _binarise(gray: Image.Image) -> np.ndarray:
-    """0/255 uint8 from an "L" image, threshold 0.5 (>= 128 is white = generate)."""
-    return np.where(np.asarray(gray) >= 128, np.uint8(255), np.uint8(0))
+def _luma(image: Image.Image, width: int, height: int) -> np.ndarray:
+    """uint8 (height, width) luminance of a mask picture, fitted like a video frame. Not
+    binarised: the threshold depends on the task (`pipelines.conditioning`)."""
+    return np.asarray(fit_cover(image.convert("L"), width, height))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +102,9 @@ def _binarise(gray: Image.Image) -> np.ndarray:
 
 
 def _composite_on_white(image: Image.Image) -> Image.Image:
-    """RGB with any transparency composited over white (official `_pillow_convert`): VACE
-    reference images are expected on a white background."""
+    """RGB with any transparency composited over white. A deliberate deviation: the official Wan
+    loader drops alpha (`convert("RGB")`), which turns a transparent background into whatever
+    colour the hidden pixels hold (often black); VACE reference images are expected on white."""
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         "transparency" in image.info
     )
@@ -190,15 +176,16 @@ def decode_image(
 
 
 def decode_mask_image(data: bytes, field: str, *, width: int, height: int) -> np.ndarray:
-    """A static mask: uint8 (height, width), 0 (keep) or 255 (generate), covered and cropped
-    like the video it applies to, then luminance binarised at 0.5.
+    """A static mask: uint8 (height, width) luminance (255 = generate), covered and cropped like
+    the video it applies to. Soft values are kept: `pipelines.conditioning` binarises with the
+    task's threshold (> 0 for `inpainting` as the official annotator, >= 128 otherwise).
 
     Transparency is composited over white first, exactly as for images, so transparent pixels
     become 255 = generate. That matches the common editing convention (OpenAI's image-edit masks,
     "erase to transparent" in editors): the transparent hole is the area to fill in. Any side of
     at least 1 pixel is accepted: a mask is scaled, not looked at by the model."""
     image = decode_image(data, field, min_side=1)
-    return _binarise(fit_cover(image.convert("L"), width, height))
+    return _luma(image, width, height)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,38 +276,44 @@ def _read_video(
             nonlocal n, pending_array
             while n < max_frames and Fraction(n, fps) < t:
                 if pending_array is None:
-                    image = _rotate_for_display(pending.to_image(), pending)
-                    pending_array = convert(image)
+                    pending_array = _convert_frame(pending, field, n, convert)
                 out[n] = pending_array
                 n += 1
 
-        try:
-            for frame in _frames(container, stream, field, cut=_isobmff_missing_bytes(data) > 0):
-                decoded += 1
-                if frame.width * frame.height > max_source_pixels:
-                    raise _source_too_large(field, frame.width, frame.height, max_source_pixels)
-                raw = _frame_time(frame)
-                if raw is not None and origin is None:
-                    origin = raw  # clips need not start at 0 (edit lists, cut streams)
-                if raw is None or origin is None:
-                    # No timestamp (some raw streams): assume the clip's constant frame rate.
-                    t = pending_time + (last_interval or nominal) if pending is not None else Fraction(0)
-                else:
-                    t = raw - origin
-                if pending is not None:
-                    t = max(t, pending_time)  # out-of-order stamps: the newer frame wins
-                    if t > pending_time:
-                        last_interval = t - pending_time
-                    emit_until(t)
-                if n >= max_frames:
-                    break
-                if decoded > max_decoded:
-                    raise MediaAccessError(f"{field}: the video's timestamps do not advance")
-                pending, pending_time, pending_array = frame, t, None
-        except (InvalidParameter, MediaAccessError, MemoryError):
-            raise
-        except Exception:
-            raise _truncated(field, decoded) from None
+        # Only errors raised while demuxing and decoding mean the file is truncated or corrupt;
+        # converting and fitting a decoded frame (`emit_until`) report their own errors.
+        frames = _frames(container, stream, field, cut=_isobmff_missing_bytes(data) > 0)
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                break
+            except (InvalidParameter, MediaAccessError, MemoryError):
+                raise
+            except Exception:
+                raise _truncated(field, decoded) from None
+            decoded += 1
+            if frame.width * frame.height > max_source_pixels:
+                raise _source_too_large(field, frame.width, frame.height, max_source_pixels)
+            raw = _frame_time(frame)
+            if raw is not None and origin is None:
+                origin = raw  # clips need not start at 0 (edit lists, cut streams)
+            if raw is None or origin is None:
+                # No timestamp (some raw streams): assume the clip's constant frame rate.
+                t = pending_time + (last_interval or nominal) if pending is not None else Fraction(0)
+            else:
+                t = raw - origin
+            if pending is not None:
+                t = max(t, pending_time)  # out-of-order stamps: the newer frame wins
+                if t > pending_time:
+                    last_interval = t - pending_time
+                emit_until(t)
+            if n >= max_frames:
+                break
+            if decoded > max_decoded:
+                raise MediaAccessError(f"{field}: the video's timestamps do not advance")
+            pending, pending_time, pending_array = frame, t, None
+        frames.close()
 
         if pending is None:
             raise MediaAccessError(f"{field}: the video has no decodable frames")
@@ -332,6 +325,31 @@ def _read_video(
             end = pending_time + (duration or last_interval or nominal)
             emit_until(max(end, Fraction(1, 10**9)))  # a lone frame still gives one output
         return out[:n]
+
+
+def _convert_frame(
+    frame: av.VideoFrame, field: str, index: int, convert: Callable[[Image.Image], np.ndarray]
+) -> np.ndarray:
+    """One decoded frame as an output frame: to RGB (an unusual pixel format that swscale
+    cannot convert is the input's problem, code 1402), display rotation, then `convert` (the
+    frame fit: a failure there is ours, so it stays an internal error, named as such)."""
+    try:
+        image = frame.to_image()
+    except Exception as exc:
+        raise MediaAccessError(
+            f"{field}: frame {index} ({frame.width}x{frame.height}, pixel format "
+            f"{frame.format.name}) could not be converted to RGB: {exc}"
+        ) from None
+    image = _rotate_for_display(image, frame)
+    try:
+        return convert(image)
+    except (InvalidParameter, MediaAccessError, MemoryError):
+        raise
+    except Exception as exc:
+        raise RuntimeError(
+            f"{field}: fitting frame {index} ({image.width}x{image.height}) to the target size "
+            f"failed: {exc}"
+        ) from exc
 
 
 # Top-level box types an MP4/MOV file can start with (ISO BMFF; QuickTime's older layouts).
@@ -422,12 +440,12 @@ def decode_video(
 def decode_mask_video(
     data: bytes, field: str, *, width: int, height: int, max_frames: int, fps: int = 16
 ) -> np.ndarray:
-    """uint8 (F, height, width) of exactly 0 (keep) / 255 (generate): the same timing, cover and
-    crop as `decode_video`, then luminance binarised at 0.5 (so compression noise around a hard
-    black/white edge does not leak grey into the mask)."""
+    """uint8 (F, height, width) luminance (255 = generate): the same timing, cover and crop as
+    `decode_video`. Soft values are kept, as for `decode_mask_image`: the task decides the
+    threshold."""
 
     def convert(image: Image.Image) -> np.ndarray:
-        return _binarise(fit_cover(image.convert("L"), width, height))
+        return _luma(image, width, height)
 
     return _read_video(data, field, width=width, height=height, max_frames=max_frames, fps=fps,
                        max_source_pixels=_DEFAULT_MAX_SOURCE_PIXELS, channels=1, convert=convert)

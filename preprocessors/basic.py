@@ -67,12 +67,15 @@ class InpaintingPreprocessor(Preprocessor):
 
     name = "inpainting"
     needs_mask = True
+    # The official annotator masks every value > 0 (`mask > 0`), so soft or anti-aliased edges
+    # are regenerated, not kept.
+    mask_threshold = 1
 
     def __call__(self, frames, mask):
         if mask is None:
             raise ValueError("the inpainting preprocessor needs a mask")
         out = frames.copy()
-        # Same threshold as the pipeline's mask binarisation (> 0.5), so the gray region and
-        # the generated region always coincide.
+        # The mask is already 0/255 (binarised with `mask_threshold`), so the gray region and
+        # the region the pipeline generates always coincide.
         out[mask > 127] = MASK_COLOR
         return out, mask

@@ -28,7 +28,8 @@ class Preprocessor:
 
     `__call__(frames, mask) -> (frames, mask)`:
     - `frames`: uint8 (F, H, W, 3) RGB, already at the target size.
-    - `mask`: uint8 (F, H, W) with values exactly 0 or 255 (255 = generate), or None.
+    - `mask`: uint8 (F, H, W) with values exactly 0 or 255 (255 = generate), or None. The
+      builder binarises the request's mask with `mask_threshold` before the call.
     Returns frames of the same shape and dtype (RGB uint8) and the mask, possibly changed
     (or None). Implementations must not modify their inputs in place.
     """
@@ -37,6 +38,10 @@ class Preprocessor:
     # True when the task cannot run without a mask (the builder then refuses a request that
     # gives none, before any work).
     needs_mask: bool = False
+    # Mask values >= this are "generate" (the request's masks arrive as soft luminance). 128 is
+    # the official loader's and diffusers' 0.5; a task whose official annotator thresholds
+    # differently says so (inpainting: > 0).
+    mask_threshold: int = 128
 
     def __call__(
         self, frames: np.ndarray, mask: np.ndarray | None

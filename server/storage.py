@@ -53,7 +53,7 @@ class LocalStorage:
     def exists(self, key: str) -> bool:
         try:
             return self.path(key).is_file()
-        except KeyError:
+        except (KeyError, OSError, ValueError):  # not a key, or not a name the OS can look up
             return False
 
     def read_bytes(self, key: str) -> bytes:

@@ -153,6 +153,26 @@ def test_media_route_refuses_traversal(app_client):
     assert app_client.get("/media/%2e%2e/jobs.sqlite3").status_code == 404
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        "a" * 300,  # one path component longer than any file system allows (ENAMETOOLONG)
+        "/".join(["b" * 250] * 30),  # a path longer than PATH_MAX
+        "outputs/%00/x.mp4",  # a NUL byte
+        "outputs/" + "%ff%fe" * 50,  # bytes that are not UTF-8
+        "outputs/\\..\\..\\jobs.sqlite3",
+        "outputs/",
+        "%20",
+    ],
+)
+def test_media_route_answers_404_for_any_key_that_names_no_file(app_client, key):
+    for method in ("GET", "HEAD"):
+        r = app_client.request(method, "/media/" + key)
+        assert r.status_code == 404, (method, key, r.status_code)
+    body = app_client.get("/media/" + key).json()
+    assert body["code"] == 404 and body["data"] is None and "not found" in body["message"]
+
+
 def test_inline_html_is_not_served_as_html(app_client, tmp_path):
     import base64
 

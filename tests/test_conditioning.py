@@ -14,6 +14,7 @@ from pipelines.conditioning import (
     build_conditioning,
     fit_cover,
 )
+from pipelines.geometry import letterbox
 from preprocessors.registry import Preprocessor
 from server.errors import InvalidParameter, NotSupportedYet
 
@@ -42,6 +43,14 @@ def _gray_ref(frames):
 
 def _fitted(img, w=W, h=H):
     return np.asarray(fit_cover(img, w, h), np.float32) / np.float32(255)
+
+
+def _canvas(img, w=W, h=H):
+    return letterbox(img.convert("RGB"), w, h)
+
+
+def _arrays(images):
+    return [np.asarray(i).tobytes() for i in images]
 
 
 def _mask_frames(c: Conditioning) -> list[float]:
@@ -78,10 +87,12 @@ def test_r2v_ignores_task_and_reverses_refs(task):
     a, b = _solid((255, 0, 0)), _solid((0, 0, 255), (16, 64))
     c = _build(task, images=[a, b])
     assert c.video is None and c.mask is None and c.recipe == "r2v"
-    assert c.reference_images_api_order == [a, b]
-    assert c.reference_images == [b, a]  # diffusers prepends one by one -> official [a, b]
-    assert c.pipeline_kwargs()["reference_images"] == [b, a]
-    assert b.size == (16, 64)  # not pre-resized: diffusers fits refs itself
+    assert _arrays(c.reference_images_api_order) == _arrays([_canvas(a), _canvas(b)])
+    # diffusers prepends one by one -> official [a, b]
+    assert c.reference_images == c.reference_images_api_order[::-1]
+    assert c.pipeline_kwargs()["reference_images"] == c.reference_images
+    assert all(r.size == (W, H) for r in c.reference_images)  # canvases: diffusers' fit is a no-op
+    assert b.size == (16, 64)  # the caller's image is not modified
 
 
 def test_refs_are_converted_to_rgb_over_white():
@@ -89,8 +100,11 @@ def test_refs_are_converted_to_rgb_over_white():
     rgba.putpixel((0, 0), (255, 0, 0, 255))
     c = _build(images=[rgba])
     ref = c.reference_images[0]
-    assert ref.mode == "RGB"
-    assert ref.getpixel((0, 0)) == (255, 0, 0) and ref.getpixel((5, 5)) == (255, 255, 255)
+    assert ref.mode == "RGB" and ref.size == (W, H)
+    # 16x16 on the 48x32 canvas: scale 2, pasted at x 8..40; the opaque pixel (0, 0) becomes
+    # the 2x2 block at (8, 0), the transparent rest white.
+    assert ref.getpixel((8, 0)) == (255, 0, 0) and ref.getpixel((20, 20)) == (255, 255, 255)
+    assert ref.getpixel((2, 2)) == (255, 255, 255)  # canvas
 
 
 def test_control_gray():
@@ -189,6 +203,45 @@ def test_inpainting_with_static_mask_image():
         np.testing.assert_array_equal(c.video[f][mi == 0], v[f][mi == 0] / np.float32(255))
 
 
+def _soft_edge_mask() -> np.ndarray:
+    """An anti-aliased mask: each column of the 48 holds one level of a 0..255 ramp, hand-picked
+    so both thresholds fall between known columns."""
+    levels = np.array([0, 0, 1, 2, 10, 64, 127, 128, 129, 200, 254, 255] * 4, np.uint8)
+    return np.broadcast_to(levels, (H, W)).copy()
+
+
+def test_inpainting_masks_every_value_above_zero_like_the_official_annotator():
+    v = _video()
+    mi = _soft_edge_mask()
+    c = _build("inpainting", video=v, mask_image=mi)
+    masked = mi > 0  # columns with levels 1, 2, 10, 64, 127 are regenerated too
+    assert masked.sum(1)[0] == 40  # 10 of every 12 columns
+    for f in range(F):
+        np.testing.assert_array_equal(c.mask[f, ..., 0], masked.astype(np.float32))
+        assert (c.video[f][masked] == np.float32(128 / 255)).all()  # gray fill where masked
+        np.testing.assert_array_equal(c.video[f][~masked], v[f][~masked] / np.float32(255))
+
+
+def test_inpainting_soft_mask_video_edges_and_other_tasks_at_half():
+    v = _video()
+    mv = np.broadcast_to(_soft_edge_mask(), (F, H, W)).copy()
+    inpaint = _build("inpainting", video=v, mask_video=mv)
+    np.testing.assert_array_equal(inpaint.mask[..., 0], (mv > 0).astype(np.float32))
+    # The same soft mask with any other task is a ready mask: the loader's 0.5 (>= 128).
+    for task in ("none", "gray"):
+        c = _build(task, video=v, mask_video=mv)
+        np.testing.assert_array_equal(c.mask[..., 0], (mv >= 128).astype(np.float32))
+        assert c.mask[0, 0, :12, 0].tolist() == [0.0] * 7 + [1.0] * 5  # 127 keeps, 128 generates
+
+
+def test_mask_thresholds_are_stated_by_each_preprocessor():
+    from preprocessors.registry import get_preprocessor
+
+    assert get_preprocessor("inpainting").mask_threshold == 1  # > 0
+    assert get_preprocessor("none").mask_threshold == 128  # >= 0.5
+    assert get_preprocessor("gray").mask_threshold == 128
+
+
 def test_inpainting_needs_a_mask():
     with pytest.raises(InvalidParameter, match="task 'inpainting' needs mask_video or mask_image"):
         _build("inpainting", video=_video())
@@ -224,7 +277,8 @@ def test_control_with_refs():
     a, b = _solid((255, 0, 0)), _solid((0, 255, 0))
     c = _build("gray", video=_video(), images=[a, b])
     assert c.recipe == "control(gray)+refs"
-    assert c.reference_images == [b, a] and c.reference_images_api_order == [a, b]
+    assert _arrays(c.reference_images) == _arrays([_canvas(b), _canvas(a)])
+    assert c.reference_images == c.reference_images_api_order[::-1]
     assert c.mask is None
 
 
@@ -232,7 +286,7 @@ def test_first_last_with_refs():
     a, b = _solid((255, 0, 0)), _solid((0, 255, 0))
     c = _build(first_image=_solid((1, 2, 3)), last_image=_solid((4, 5, 6)), images=[a, b])
     assert c.recipe == "first_image+last_image+refs"
-    assert c.reference_images == [b, a]
+    assert _arrays(c.reference_images) == _arrays([_canvas(b), _canvas(a)])
     assert _mask_frames(c) == [0.0] + [1.0] * (F - 2) + [0.0]
 
 
@@ -465,6 +519,32 @@ def test_pipeline_reference_order_is_official(pipe, monkeypatch):
     masks = spy.out("prepare_masks")
     assert masks.shape[2] == 2 + lat_frames
     assert (masks[:, :, :2] == 0).all() and (masks[:, :, 2:] == 1).any()
+
+
+def test_pipeline_receives_our_canvas_unchanged_and_it_is_the_official_letterbox(pipe, monkeypatch):
+    # Odd sizes: diffusers alone would first floor 37x23 to 32x16 with a Lanczos resize
+    # (squashing the aspect) before letterboxing; on our canvas its fitting is a no-op.
+    rng = np.random.default_rng(3)
+    ref_a = PIL.Image.fromarray(rng.integers(0, 256, (23, 37, 3), np.uint8))
+    ref_b = PIL.Image.fromarray(rng.integers(0, 256, (61, 19, 3), np.uint8))
+    c = _build(images=[ref_a, ref_b])
+    _, _, refs = _run(pipe, c, monkeypatch).out("preprocess_conditions")
+    b_seen, a_seen = refs[0]
+    for seen, ours, src in ((a_seen, c.reference_images_api_order[0], ref_a),
+                            (b_seen, c.reference_images_api_order[1], ref_b)):  # fmt: skip
+        ours_t = torch.from_numpy(np.asarray(ours, np.float32)).permute(2, 0, 1) / 127.5 - 1
+        torch.testing.assert_close(seen, ours_t, rtol=0, atol=1e-6)  # diffusers changed nothing
+        # The official prepare_source letterbox, in float: we differ by the 8-bit rounding only.
+        x = torch.from_numpy(np.asarray(src, np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+        rh, rw = x.shape[-2:]
+        scale = min(H / rh, W / rw)
+        nh, nw = int(rh * scale), int(rw * scale)
+        official = torch.ones(3, H, W)
+        top, left = (H - nh) // 2, (W - nw) // 2
+        official[:, top : top + nh, left : left + nw] = torch.nn.functional.interpolate(
+            x, size=(nh, nw), mode="bilinear", align_corners=False
+        )[0]
+        assert (seen - official).abs().max() <= 0.5 / 127.5 + 1e-5
 
 
 def test_pipeline_one_channel_mask_equals_three_channels(pipe):

@@ -13,6 +13,7 @@ busy while each test downloads and checks an earlier job's files.
 
 from __future__ import annotations
 
+import functools
 import re
 from types import SimpleNamespace
 
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.media import fit_cover
+from pipelines.geometry import fit_cover, letterbox
 from tests.conftest import FAST, ServerProcess, wait_terminal
 from tests.vace_media import (
     MediaServer,
@@ -55,6 +56,15 @@ BORDER = box_mask(64, 48, inside=0, margin=0.2)  # white border, black (keep) ce
 RGBA = np.zeros((48, 48, 4), dtype=np.uint8)
 RGBA[12:36, 12:36] = (200, 30, 30, 255)  # a red square on a transparent background
 PHOTO = gradient(64, 40)
+# A portrait phone clip at the default 832*480: the source size whose frame fit used to crash.
+PORTRAIT = moving_frames(16, 720, 1280)
+
+
+@functools.cache
+def encoded(name: str) -> bytes:
+    """The MP4 of one of the clips above, encoded once: the tests compare against a decode of
+    the very bytes the server got (x264 need not give the same bytes twice on a loaded host)."""
+    return mp4(globals()[name])
 
 
 def ref(i: int) -> np.ndarray:
@@ -66,8 +76,8 @@ def job_specs(media: MediaServer) -> dict[str, dict]:
     `media` (the server allows private URLs here) or inlined as data: URIs, mixed."""
     first = media.add("/first.png", png(FIRST), "image/png")
     last = media.add("/last.png", png(LAST), "image/png")
-    source = media.add("/source.mp4", mp4(SOURCE), "video/mp4")
-    short = media.add("/short.mp4", mp4(SHORT), "video/mp4")
+    source = media.add("/source.mp4", encoded("SOURCE"), "video/mp4")
+    short = media.add("/short.mp4", encoded("SHORT"), "video/mp4")
     mask_video = media.add("/mask.mp4", mp4(np.stack([MASK_BOX] * F)), "video/mp4")
     border = media.add("/border.mp4", mp4(np.stack([BORDER] * F)), "video/mp4")
     refs = [media.add(f"/ref{i}.png", png(ref(i)), "image/png") for i in range(5)]
@@ -88,7 +98,7 @@ def job_specs(media: MediaServer) -> dict[str, dict]:
         },
         "depth_without_video": {"task": "depth", "images": [refs[2]]},
         "control_none": {"video": source, "task": "none"},
-        "control_gray": {"video": data_uri(mp4(SOURCE), "video/mp4"), "task": "gray"},
+        "control_gray": {"video": data_uri(encoded("SOURCE"), "video/mp4"), "task": "gray"},
         "depth_with_video": {"video": source, "task": "depth"},
         "control_refs": {"video": source, "task": "none", "images": refs[:2]},
         "inpaint_mask_video": {"video": source, "task": "inpainting", "mask_video": mask_video},
@@ -106,6 +116,12 @@ def job_specs(media: MediaServer) -> dict[str, dict]:
         "first_last_refs": {"first_image": first, "last_image": last, "images": [refs[4], refs[0]]},
         # Official `firstclip`: keep a 1 s clip (black mask), generate the other 65 frames.
         "extension": {"video": short, "task": "none", "mask_image": black},
+        "portrait_phone_clip": {
+            "video": media.add("/portrait.mp4", encoded("PORTRAIT"), "video/mp4"),
+            "task": "none",
+            "mask_image": data_uri(png(box_mask(720, 1280, inside=255)), "image/png"),
+            "first_image": data_uri(png(PORTRAIT[0]), "image/png"),
+        },
     }
 
 
@@ -234,31 +250,37 @@ def refs_of(d: dict) -> list[np.ndarray]:
     return [image_of(get(u)) for u in d["conditioning"].get("reference_images", [])]
 
 
+def canvas(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A reference as the pipeline sees it: letterboxed onto the white render-size canvas."""
+    return np.asarray(letterbox(Image.fromarray(arr).convert("RGB"), *size))
+
+
 # ---------------------------------------------------------------------------------------------
 # Text and references
 
 
-def test_r2v_one_reference_by_url_with_the_default_task(client, jobs):
+def test_r2v_one_reference_by_url_with_the_default_task(client, jobs, render):
     d = completed(client, jobs["r2v_one"], "r2v")
-    assert [r.tolist() for r in refs_of(d)] == [ref(0).tolist()]
+    assert [r.tolist() for r in refs_of(d)] == [canvas(ref(0), render).tolist()]
     assert "video" not in d["conditioning"] and "mask" not in d["conditioning"]
 
 
-def test_r2v_five_references_mixed_sources_in_api_order(client, jobs):
+def test_r2v_five_references_mixed_sources_in_api_order(client, jobs, render):
     got = refs_of(completed(client, jobs["r2v_five"], "r2v"))
     assert len(got) == 5
-    assert np.array_equal(got[0], ref(1))
+    assert all(g.shape == (render[1], render[0], 3) for g in got)  # canvases, as fed
+    assert np.array_equal(got[0], canvas(ref(1), render))
     on_white = np.full((48, 48, 3), 255, dtype=np.uint8)  # alpha composited over white
     on_white[12:36, 12:36] = (200, 30, 30)
-    assert np.array_equal(got[1], on_white)
-    assert got[2].shape == (40, 64, 3) and close_to(got[2], PHOTO, mean=3, peak=40)  # JPEG
-    assert np.array_equal(got[3], ref(3))
-    assert np.array_equal(got[4], solid(24, 24, (10, 10, 10)))
+    assert np.array_equal(got[1], canvas(on_white, render))
+    assert close_to(got[2], canvas(PHOTO, render), mean=3, peak=40)  # JPEG
+    assert np.array_equal(got[3], canvas(ref(3), render))
+    assert np.array_equal(got[4], canvas(solid(24, 24, (10, 10, 10)), render))
 
 
-def test_task_depth_without_a_video_is_ignored(client, jobs):
+def test_task_depth_without_a_video_is_ignored(client, jobs, render):
     d = completed(client, jobs["depth_without_video"], "r2v")
-    assert [r.tolist() for r in refs_of(d)] == [ref(2).tolist()]
+    assert [r.tolist() for r in refs_of(d)] == [canvas(ref(2), render).tolist()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +292,7 @@ def test_control_video_task_none_is_used_verbatim(client, jobs, render):
     frames, facts = lossless_probe(d["conditioning"]["video"])
     assert facts["codec"] == "h264" and facts["pix_fmt"] == "yuv444p" and facts["fps"] == 16
     assert frames.shape == (F, render[1], render[0], 3)
-    source = frames_of(mp4(SOURCE))  # what the server decoded: the same encoder, the same decoder
+    source = frames_of(encoded("SOURCE"))  # what the server decoded: the same encoder, the same decoder
     for i in (0, 40, 80):  # real time at 16 fps: output frame i is source frame i
         assert close_to(frames[i], fitted(source[i], render)), i
     assert "mask" not in d["conditioning"]  # a pure control signal: generate everything
@@ -289,9 +311,10 @@ def test_task_depth_with_a_video_fails_as_not_supported_yet(client, jobs):
     assert "task 'none'" in d["error"]  # says what to do instead
 
 
-def test_control_video_with_references(client, jobs):
+def test_control_video_with_references(client, jobs, render):
     d = completed(client, jobs["control_refs"], "control(none)+refs")
-    assert [r.tolist() for r in refs_of(d)] == [ref(0).tolist(), ref(1).tolist()]
+    expected = [canvas(ref(0), render).tolist(), canvas(ref(1), render).tolist()]
+    assert [r.tolist() for r in refs_of(d)] == expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,19 +392,36 @@ def test_first_and_last_image_conditioning_files(client, jobs, render):
     assert mask[1:-1].min() >= 253  # generate the rest
 
 
-def test_first_and_last_image_with_references_in_api_order(client, jobs):
+def test_first_and_last_image_with_references_in_api_order(client, jobs, render):
     d = completed(client, jobs["first_last_refs"], "first_image+last_image+refs")
-    assert [r.tolist() for r in refs_of(d)] == [ref(4).tolist(), ref(0).tolist()]
+    expected = [canvas(ref(4), render).tolist(), canvas(ref(0), render).tolist()]
+    assert [r.tolist() for r in refs_of(d)] == expected
 
 
 def test_short_source_video_is_extended(client, jobs, render):
     d = completed(client, jobs["extension"], "control(none)+mask_image+extension(65)")
     video, _ = lossless_probe(d["conditioning"]["video"])
     mask, _ = lossless_probe(d["conditioning"]["mask"])
-    short = frames_of(mp4(SHORT))
+    short = frames_of(encoded("SHORT"))
     assert close_to(video[15], fitted(short[15], render))
     assert np.abs(video[16:].astype(np.int16) - 128).max() <= 2  # gray after the clip
     assert mask[:16].max() <= 2 and mask[16:].min() >= 253  # keep the clip, generate the rest
+
+
+def test_portrait_phone_clip_at_the_default_size(client, jobs, render):
+    # 720x1280 video, mask_image and first_image into 832*480 (rendered at 112x64 by the tiny
+    # model; tests/test_geometry.py covers the fit at the full API sizes).
+    d = completed(
+        client, jobs["portrait_phone_clip"], "control(none)+mask_image+extension(65)+first_image"
+    )
+    video, _ = lossless_probe(d["conditioning"]["video"])
+    mask, _ = lossless_probe(d["conditioning"]["mask"])
+    source = frames_of(encoded("PORTRAIT"))
+    assert close_to(video[0], fitted(PORTRAIT[0], render))  # first_image over frame 0
+    assert close_to(video[8], fitted(source[8], render))
+    expect = np.asarray(fit_cover(Image.fromarray(box_mask(720, 1280, inside=255)), *render)) >= 128
+    assert ((mask[8, ..., 0] > 127) == expect).mean() > 0.97
+    assert mask[0].max() <= 2 and mask[16:].min() >= 253
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,11 +18,14 @@ router = APIRouter()
 @router.head("/media/{key:path}")
 def media(key: str, request: Request) -> FileResponse:
     st = state_of(request)
+    # Any key that cannot name a stored file is a 404: a key that leaves the root (KeyError), and
+    # one the OS cannot even look up (a name too long, a NUL byte: OSError, ValueError).
     try:
         path = st.storage.path(key)
-    except KeyError:
-        raise ApiError(404, "media not found") from None
-    if not path.is_file():
+        found = path.is_file()
+    except (KeyError, OSError, ValueError):
+        found = False
+    if not found:
         raise ApiError(404, "media not found")
     ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     # nosniff: browsers must not second-guess the type into something executable.
