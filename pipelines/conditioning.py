@@ -75,7 +75,7 @@ import PIL.Image
 
 from pipelines.geometry import fit_cover, letterbox
 from preprocessors.registry import Preprocessor, get_preprocessor
-from server.errors import InvalidParameter
+from server.kernel.errors import InvalidParameter
 
 __all__ = ["Conditioning", "MediaInputs", "build_conditioning", "fit_cover", "to_rgb"]
 

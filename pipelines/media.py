@@ -28,7 +28,7 @@ from av.video.reformatter import ColorRange, Colorspace
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.geometry import fit_cover
-from server.errors import InvalidParameter, MediaAccessError
+from server.kernel.errors import InvalidParameter, MediaAccessError
 
 __all__ = [
     "decode_image",

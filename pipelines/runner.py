@@ -24,7 +24,7 @@ import torch
 from diffusers import UniPCMultistepScheduler, WanVACEPipeline
 from PIL import Image
 
-from server.errors import NotSupportedYet
+from server.kernel.errors import NotSupportedYet
 
 log = logging.getLogger("wan_vace.runner")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import NotSupportedYet
+from server.kernel.errors import NotSupportedYet
 
 
 class Preprocessor:

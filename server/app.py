@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.auth import Authenticator
-from server.errors import ApiError, envelope_for_error
+from server.kernel.errors import ApiError, envelope_for_error
 from server.settings import Settings
 from server.storage import LocalStorage
 from server.store import JobStore, open_store

@@ -7,7 +7,7 @@ import hmac
 
 from fastapi import Request
 
-from server.errors import ApiError
+from server.kernel.errors import ApiError
 
 
 class Authenticator:

@@ -39,7 +39,7 @@ from urllib.parse import unquote_to_bytes
 import httpx
 
 from server import netguard
-from server.errors import MediaAccessError
+from server.kernel.errors import MediaAccessError
 from server.netguard import AddressRefused, GuardedTransport, Unresolvable, vetted_addresses
 
 __all__ = [

@@ -11,9 +11,9 @@ import binascii
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from server.errors import ApiError, bad_request
-from server.media_types import media_filename, sniff
-from server.schemas import MEDIA_FIELDS
+from server.kernel.errors import ApiError, bad_request
+from server.kernel.media_types import media_filename, sniff
+from server.kernel.request import MEDIA_BY_NAME, MEDIA_FIELDS
 from server.storage import LocalStorage
 
 
@@ -37,7 +37,7 @@ def decode_data_uri(uri: str, field: str) -> tuple[bytes, str]:
 
 
 def _limit_for(field: str, limits: dict[str, int]) -> int:
-    return limits["video"] if field in ("video", "mask_video") else limits["image"]
+    return limits[MEDIA_BY_NAME[field.split("[", 1)[0]].holds]
 
 
 def store_inline_media(
@@ -62,8 +62,9 @@ def store_inline_media(
         return LocalStorage.url(base_url, key)
 
     out = dict(inp)
-    for field in MEDIA_FIELDS:
-        if out.get(field):
-            out[field] = move(field, out[field])
-    out["images"] = [move(f"images[{i}]", v) for i, v in enumerate(out.get("images") or [])]
+    for m in MEDIA_FIELDS:
+        if m.many:
+            out[m.name] = [move(f"{m.name}[{i}]", v) for i, v in enumerate(out.get(m.name) or [])]
+        elif out.get(m.name):
+            out[m.name] = move(m.name, out[m.name])
     return out

@@ -9,7 +9,7 @@ import base64
 from datetime import datetime, timezone
 from typing import Any
 
-from server.jobstate import State
+from server.kernel.jobstate import State
 from server.storage import LocalStorage
 from server.store import Job
 

@@ -8,67 +8,26 @@
 - a seed above 2^31-1 (ComfyUI sends up to 9999999999) is reduced modulo 2^31 (decided in
   contract §6); -1 means random; other negative seeds are refused.
 
-`FIELDS` is also the request schema served by `GET /api/v3/models`.
+The field table itself (`FIELDS`) lives in the kernel (`server/kernel/request.py`); it is also
+the request schema served by `GET /api/v3/models` and the OpenAPI document.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
-from server.errors import ApiError, bad_request
-
-SIZES = ("832*480", "480*832", "1280*720", "720*1280")
-WAVESPEED_TASKS = ("depth", "pose", "face", "inpainting", "none")
-# Extensions beyond WaveSpeed's list: official VACE control signals. Whether a task can run is
-# the worker's answer (a clear "not supported yet" failure), not the validator's.
-EXTRA_TASKS = ("gray", "flow", "scribble", "depthv2", "pose_body")
-TASKS = WAVESPEED_TASKS + EXTRA_TASKS
-MEDIA_FIELDS = ("video", "mask_video", "mask_image", "first_image", "last_image")
-MAX_IMAGES = 5
-SEED_MAX = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class Field:
-    name: str
-    kind: str  # string | media | media_list | integer | number | boolean | enum
-    default: Any = None
-    minimum: float | None = None
-    maximum: float | None = None
-    choices: tuple[str, ...] = ()
-    required: bool = False
-    description: str = ""
-
-
-FIELDS: tuple[Field, ...] = (
-    Field("prompt", "string", required=True, description="The text prompt."),
-    Field("negative_prompt", "string", "", description="Empty: the official Wan negative prompt."),
-    Field("images", "media_list", [], description=f"Up to {MAX_IMAGES} reference image URLs."),
-    Field("video", "media", description="Source or control video URL."),
-    Field("task", "enum", "depth", choices=TASKS, description="Control signal extracted from `video`."),
-    Field("mask_video", "media", description="Mask video: white = generate, black = keep."),
-    Field("mask_image", "media", description="Static mask applied to every frame."),
-    Field("first_image", "media", description="First frame of the output."),
-    Field("last_image", "media", description="Last frame of the output."),
-    Field("duration", "integer", 5, 5, 10, description="Seconds; the video has 16*duration+1 frames."),
-    Field("size", "enum", "832*480", choices=SIZES, description="width*height."),
-    Field("num_inference_steps", "integer", 30, 1, 40),
-    Field("guidance_scale", "number", 5.0, 0.0, 20.0),
-    Field("flow_shift", "number", 16.0, 0.0, 30.0),
-    Field("context_scale", "number", 1.0, 0.0, 2.0),
-    Field("seed", "integer", -1, -1, None, description="-1 = random; the used seed is reported."),
-    Field("enable_safety_checker", "boolean", True),
-    Field("enable_fast_mode", "boolean", False),
-    Field("enable_sync_mode", "boolean", False),
-    Field("enable_base64_output", "boolean", False),
-    Field("webhook_url", "string", None),
-    Field("return_conditioning", "boolean", False, description="Extension: URLs of the inputs fed to the pipeline."),
+from server.kernel.errors import ApiError, bad_request
+from server.kernel.request import (
+    ALIASES,
+    FIELDS,
+    FIELDS_BY_NAME,
+    MAX_IMAGES,
+    SEED_MAX,
+    Field,
 )
-_BY_NAME = {f.name: f for f in FIELDS}
-# [compat] WaveSpeed's newest llms.txt lists `image` where older pages list `first_image`.
-ALIASES = {"image": "first_image"}
+
+_BY_NAME = FIELDS_BY_NAME
 
 
 def _absent(v: Any) -> bool:
@@ -180,16 +139,6 @@ def validate_submit(body: Any) -> tuple[dict[str, Any], list[str]]:
     return out, ignored
 
 
-def size_of(inp: dict[str, Any]) -> tuple[int, int]:
-    """(width, height): Wan size strings are W*H (vace.md §1)."""
-    w, h = inp["size"].split("*")
-    return int(w), int(h)
-
-
-def num_frames_of(inp: dict[str, Any]) -> int:
-    return 16 * int(inp["duration"]) + 1
-
-
 def request_schema() -> dict[str, Any]:
     """A JSON-schema-like description in WaveSpeed's `api_schema` shape (contract §3.6)."""
     props: dict[str, Any] = {}
@@ -218,4 +167,4 @@ def request_schema() -> dict[str, Any]:
     }
 
 
-__all__ = ["ApiError", "FIELDS", "validate_submit", "size_of", "num_frames_of", "request_schema"]
+__all__ = ["FIELDS", "validate_submit", "request_schema"]

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.errors import JobCancelled, LeaseLost, MediaAccessError, task_error_of
+from server.kernel.errors import JobCancelled, LeaseLost, MediaAccessError, task_error_of
 from server.settings import Settings
 from server.storage import LocalStorage
 from server.store import Job, RenewResult, WorkerInfo, open_store

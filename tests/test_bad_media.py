@@ -145,7 +145,7 @@ def test_mp4_cut_between_packets_fails_only_where_the_decode_reaches_the_cut():
     # The unit behind the packet_boundary case (no server): before the fix such a file decoded
     # as a shorter clip, which the builder then extended with gray frames and the job completed.
     from pipelines.media import decode_video
-    from server.errors import MediaAccessError
+    from server.kernel.errors import MediaAccessError
 
     cut = packet_boundary_cut(VIDEO)  # about 40 of 81 frames left
     assert decode_video(cut, "video", width=32, height=16, max_frames=16).shape[0] == 16

@@ -16,7 +16,7 @@ from pipelines.conditioning import (
 )
 from pipelines.geometry import letterbox
 from preprocessors.registry import Preprocessor
-from server.errors import InvalidParameter, NotSupportedYet
+from server.kernel.errors import InvalidParameter, NotSupportedYet
 
 H, W = 32, 48
 F = 9

@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from server import netguard
-from server.errors import CODE_MEDIA_ACCESS, MediaAccessError
+from server.kernel.errors import CODE_MEDIA_ACCESS, MediaAccessError
 from server.fetch import FetchPolicy, MediaTemporarilyUnavailable, fetch_media
 from server.netguard import is_forbidden_address
 

@@ -1,6 +1,6 @@
 import pytest
 
-from server.jobstate import Event, IllegalTransition, State, allowed, next_state
+from server.kernel.jobstate import Event, IllegalTransition, State, allowed, next_state
 
 
 def test_happy_path():
@@ -48,7 +48,7 @@ def test_module_is_pure():
     import ast
     import inspect
 
-    import server.jobstate as m
+    import server.kernel.jobstate as m
 
     tree = ast.parse(inspect.getsource(m))
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {

@@ -21,7 +21,7 @@ from pipelines.media import (
     encode_mp4,
     fit_cover,
 )
-from server.errors import (
+from server.kernel.errors import (
     CODE_INVALID_PARAMETER,
     CODE_MEDIA_ACCESS,
     InvalidParameter,

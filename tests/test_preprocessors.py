@@ -10,7 +10,7 @@ import pytest
 
 from preprocessors import available_tasks, get_preprocessor, known_tasks, registry
 from preprocessors.basic import GrayPreprocessor, InpaintingPreprocessor, NonePreprocessor
-from server.errors import CODE_INVALID_PARAMETER, NotSupportedYet
+from server.kernel.errors import CODE_INVALID_PARAMETER, NotSupportedYet
 
 PLANNED = ["depth", "pose", "face", "flow", "scribble", "depthv2", "pose_body"]
 

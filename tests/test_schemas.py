@@ -1,7 +1,8 @@
 import pytest
 
-from server.errors import ApiError
-from server.schemas import FIELDS, num_frames_of, size_of, validate_submit
+from server.kernel.errors import ApiError
+from server.kernel.request import VaceRequest
+from server.schemas import FIELDS, validate_submit
 
 
 def ok(**kw):
@@ -23,7 +24,25 @@ def test_defaults():
     assert inp["seed"] == -1 and inp["task"] == "depth" and inp["images"] == []
     assert inp["enable_safety_checker"] is True and inp["enable_sync_mode"] is False
     assert inp["video"] is None and inp["negative_prompt"] == ""
-    assert size_of(inp) == (832, 480) and num_frames_of(inp) == 81
+    req = VaceRequest.from_input(inp)
+    assert (req.width, req.height) == (832, 480) and req.num_frames == 81
+
+
+@pytest.mark.parametrize("size,duration,expected", [("480*832", 10, (480, 832, 161)),
+                                                      ("1280*720", 7, (1280, 720, 113))])
+def test_typed_request_reads_size_and_frames_once(size, duration, expected):
+    req = VaceRequest.from_input(ok(size=size, duration=duration, images=["http://x/a.png"]))
+    assert (req.width, req.height, req.num_frames) == expected
+    assert req.images == ("http://x/a.png",) and req.task == "depth" and req.seed == -1
+    assert [label for label, _, _ in req.media()] == ["images[0]"]
+    with pytest.raises(AttributeError):
+        req.size = "832*480"  # frozen
+
+
+def test_typed_request_reads_rows_of_an_older_release():
+    # A stored input missing fields added later (and carrying one since dropped) still parses.
+    req = VaceRequest.from_input({"prompt": "p", "size": "832*480", "duration": 5, "retired": 1})
+    assert req.num_inference_steps == 30 and req.return_conditioning is False
 
 
 def test_prompt_required():

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from server.jobstate import State
+from server.kernel.jobstate import State
 from server.store import IdempotencyConflict, NewJob, QueueFull, RenewResult
 from server.store.sqlite import SqliteJobStore
 

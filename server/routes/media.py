@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from server.app import state_of
-from server.errors import ApiError
+from server.kernel.errors import ApiError
 
 router = APIRouter()
 

@@ -15,9 +15,9 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from server.app import AppState, state_of
-from server.errors import CODE_TIMEOUT, ApiError, bad_request
+from server.kernel.errors import CODE_TIMEOUT, ApiError, bad_request
 from server.inputs import store_inline_media
-from server.jobstate import State
+from server.kernel.jobstate import State
 from server.predictions import prediction_object, success
 from server.schemas import validate_submit
 from server.settings import MODEL_ID

@@ -23,8 +23,8 @@ from fastapi import APIRouter, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from server.app import AppState, state_of
-from server.errors import ApiError, bad_request
-from server.media_types import media_filename, sniff
+from server.kernel.errors import ApiError, bad_request
+from server.kernel.media_types import media_filename, sniff
 from server.predictions import success
 from server.storage import LocalStorage
 

@@ -4,7 +4,7 @@ no crash can lose it.
 
 `JobStore` is the interface; `SqliteJobStore` is the embedded implementation. A PostgreSQL store
 (scale-out issue) implements the same methods with `FOR UPDATE SKIP LOCKED` claims. Every state
-change goes through `server.jobstate.next_state` and is written as a compare-and-set on the
+change goes through `server.kernel.jobstate.next_state` and is written as a compare-and-set on the
 current status (and lease owner), so concurrent API replicas and workers cannot race a job into
 an illegal state.
 """
@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.jobstate import State
+from server.kernel.jobstate import RenewResult, State, WorkerState
 
 
 @dataclass
@@ -58,14 +58,6 @@ class NewJob:
     request_hash: str | None = None
 
 
-class RenewResult:
-    """Values `JobStore.renew` returns."""
-
-    OK = "ok"
-    CANCELLED = "cancelled"  # the job was cancelled: stop now, write nothing
-    LOST = "lost"  # another owner or a terminal state: stop now, write nothing
-
-
 class QueueFull(Exception):
     pass
 
@@ -80,7 +72,7 @@ class WorkerInfo:
     host: str
     pid: int
     model: str
-    state: str  # starting | loading | ready | busy | failed | stopped
+    state: str  # a WorkerState value
     reason: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     heartbeat_at: float = 0.0

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from server.jobstate import TERMINAL, Event, State, allowed, next_state
+from server.kernel.jobstate import TERMINAL, Event, State, allowed, next_state
 from server.store import (
     IdempotencyConflict,
     Job,

@@ -70,3 +70,22 @@ def next_state(state: State, event: Event, *, attempts: int = 0, max_attempts: i
 
 def allowed(state: State, event: Event) -> bool:
     return (state, event) in _TABLE or (state is State.PROCESSING and event is Event.LEASE_LOST)
+
+
+class WorkerState(str, Enum):
+    """What a worker row says about its process (shown in /health)."""
+
+    STARTING = "starting"
+    LOADING = "loading"  # loading weights and warming up
+    READY = "ready"  # idle, claiming
+    BUSY = "busy"  # running a job
+    FAILED = "failed"  # could not load its model: not restarted, the reason says why
+    STOPPED = "stopped"
+
+
+class RenewResult(str, Enum):
+    """What renewing a job's lease answers."""
+
+    OK = "ok"
+    CANCELLED = "cancelled"  # the job was cancelled: stop now, write nothing
+    LOST = "lost"  # another owner or a terminal state: stop now, write nothing
