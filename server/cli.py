@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
         return 0
 
-    from server.store.sqlite import new_worker_id
+    from server.kernel.ids import new_worker_id
     from server.worker import Worker, install_sigterm
 
     worker = Worker(settings, new_worker_id())

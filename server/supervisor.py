@@ -19,7 +19,7 @@ from typing import Any
 
 from server.settings import Settings
 from server.store import JobStore, WorkerInfo
-from server.store.sqlite import new_worker_id
+from server.kernel.ids import new_worker_id
 from server.worker import EXIT_LOAD_FAILED, worker_main
 
 log = logging.getLogger("wan_vace.supervisor")

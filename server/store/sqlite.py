@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -488,7 +487,3 @@ class SqliteJobStore(JobStore):
         with self._tx() as c:
             c.execute("INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)", (key, value))
             return c.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()["value"]
-
-
-def new_worker_id() -> str:
-    return uuid.uuid4().hex[:12]
