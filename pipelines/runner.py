@@ -6,7 +6,7 @@
 4. denoise, reporting progress and honouring cancellation from the step callback
 5. scale up (tiny model only) and encode the MP4; optionally the conditioning too
 
-The worker (server/worker.py) owns everything around it: leases, fetching, storage, the store.
+The worker (server/worker/) owns everything around it: leases, fetching, storage, the store.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,11 @@ import torch
 from diffusers import UniPCMultistepScheduler, WanVACEPipeline
 from PIL import Image
 
+from pipelines.config import PipelineConfig
+from preprocessors.registry import PreprocessorContext, PreprocessorSet
 from server.kernel.errors import NotSupportedYet
+from server.kernel.request import FPS, MEDIA_FIELDS, VaceRequest
+from server.kernel.runner import Media, ProgressFn, RunResult
 
 log = logging.getLogger("wan_vace.runner")
 
@@ -35,34 +38,6 @@ DEFAULT_NEGATIVE_PROMPT = (
     "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
-FPS = 16
-
-
-@dataclass
-class FetchedMedia:
-    """Raw bytes of each media field the request named (fetched by the worker)."""
-
-    video: bytes | None = None
-    mask_video: bytes | None = None
-    mask_image: bytes | None = None
-    first_image: bytes | None = None
-    last_image: bytes | None = None
-    images: list[bytes] = field(default_factory=list)
-
-
-@dataclass
-class RunResult:
-    video_path: Path
-    seed: int
-    inference_ms: int
-    has_nsfw: bool = False
-    safety_checked: bool = False
-    # name -> file path (or list of paths) of what the pipeline was fed, when asked for.
-    conditioning: dict[str, Any] = field(default_factory=dict)
-    render_size: tuple[int, int] = (0, 0)
-
-
-ProgressFn = Callable[[float], None]
 
 
 class VaceRunner:
@@ -75,6 +50,7 @@ class VaceRunner:
         device: str,
         downscale: int = 1,
         encode_preset: str = "fast",
+        preprocessors: PreprocessorSet | None = None,
     ):
         self.pipe = pipe
         self.encode_preset = encode_preset
@@ -82,6 +58,13 @@ class VaceRunner:
         self.kind = kind
         self.device = device
         self.downscale = downscale if kind == "random" else 1
+        # The runner owns the preprocessors it builds, so `close` can free their weights.
+        self.preprocessors = preprocessors or PreprocessorSet(
+            PreprocessorContext(device=device, tiny=kind == "random")
+        )
+
+    def close(self) -> None:
+        self.preprocessors.close()
 
     @property
     def info(self) -> dict[str, Any]:
@@ -112,49 +95,35 @@ class VaceRunner:
             output_type="np",
         )
 
-    def run(self, inp: dict[str, Any], media: FetchedMedia, workdir: Path, progress: ProgressFn) -> RunResult:
+    def run(self, req: VaceRequest, media: Media, workdir: Path, progress: ProgressFn) -> RunResult:
         from pipelines.conditioning import MediaInputs, build_conditioning
-        from pipelines.media import (
-            decode_image,
-            decode_mask_image,
-            decode_mask_video,
-            decode_video,
-            encode_mp4,
-        )
 
-        if inp.get("enable_fast_mode"):
+        if req.enable_fast_mode:
             raise NotSupportedYet(
                 "enable_fast_mode is not supported yet by this server; send it as false or omit it"
             )
-        width, height = (int(v) for v in inp["size"].split("*"))
-        num_frames = 16 * int(inp["duration"]) + 1
+        width, height, num_frames = req.width, req.height, req.num_frames
         rw, rh = self.render_size(width, height)
 
-        # 1. Media at the render size.
-        m = MediaInputs()
-        if media.video is not None:
-            m.video = decode_video(media.video, "video", width=rw, height=rh, max_frames=num_frames, fps=FPS)
-        if media.mask_video is not None:
-            m.mask_video = decode_mask_video(
-                media.mask_video, "mask_video", width=rw, height=rh, max_frames=num_frames, fps=FPS
-            )
-        if media.mask_image is not None:
-            m.mask_image = decode_mask_image(media.mask_image, "mask_image", width=rw, height=rh)
-        if media.first_image is not None:
-            m.first_image = decode_image(media.first_image, "first_image")
-        if media.last_image is not None:
-            m.last_image = decode_image(media.last_image, "last_image")
-        m.images = [decode_image(b, f"images[{i}]") for i, b in enumerate(media.images)]
+        # 1. Media at the render size, each field by its entry in the media-field table.
+        decoded = {
+            m.name: decode_field(m.name, media[m.name], width=rw, height=rh, num_frames=num_frames)
+            for m in MEDIA_FIELDS
+            if media.get(m.name)
+        }
 
         # 2. Conditioning. The task applies to `video` only (contract §6).
-        cond = build_conditioning(inp["task"], m, width=rw, height=rh, num_frames=num_frames)
+        cond = build_conditioning(
+            req.task, MediaInputs(**decoded), width=rw, height=rh, num_frames=num_frames,
+            preprocessors=self.preprocessors.get,
+        )  # fmt: skip
 
         # 3. Per-job sampling settings.
-        seed = int(inp["seed"]) if int(inp["seed"]) >= 0 else random.randrange(2**31)
+        seed = req.seed if req.seed >= 0 else random.randrange(2**31)
         self.pipe.scheduler = UniPCMultistepScheduler.from_config(
-            self.pipe.scheduler.config, flow_shift=float(inp["flow_shift"])
+            self.pipe.scheduler.config, flow_shift=req.flow_shift
         )
-        steps = int(inp["num_inference_steps"])
+        steps = req.num_inference_steps
 
         def on_step(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             # Raising here (cancel, lost lease) stops the job before the next step and skips the
@@ -165,12 +134,12 @@ class VaceRunner:
         # 4. Denoise.
         t0 = time.monotonic()
         out = self.pipe(
-            prompt=inp["prompt"],
-            negative_prompt=inp.get("negative_prompt") or DEFAULT_NEGATIVE_PROMPT,
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
             **cond.pipeline_kwargs(),
             num_inference_steps=steps,
-            guidance_scale=float(inp["guidance_scale"]),
-            conditioning_scale=float(inp["context_scale"]),
+            guidance_scale=req.guidance_scale,
+            conditioning_scale=req.context_scale,
             generator=torch.Generator().manual_seed(seed),
             output_type="np",
             callback_on_step_end=on_step,
@@ -181,13 +150,15 @@ class VaceRunner:
         # 5. Encode at the requested size.
         if (rw, rh) != (width, height):
             frames = upscale(frames, width, height)
+        from pipelines.media import encode_mp4
+
         video_path = workdir / "output.mp4"
         encode_mp4(frames, str(video_path), fps=FPS, preset=self.encode_preset)
         progress(1.0)
         result = RunResult(
             video_path=video_path, seed=seed, inference_ms=inference_ms, render_size=(rw, rh)
         )
-        if inp.get("return_conditioning"):
+        if req.return_conditioning:
             result.conditioning = save_conditioning(cond, workdir, encode_mp4)
         return result
 
@@ -233,28 +204,44 @@ def save_conditioning(cond: Any, workdir: Path, encode_mp4: Callable[..., None])
     return saved
 
 
-def load_runner(
-    model: str,
-    *,
-    weights_root: Path,
-    device: str,
-    tiny_downscale: int | None,
-    encode_preset: str = "fast",
-    cpu_threads: int | None = None,
-) -> VaceRunner:
+def decode_field(name: str, data: Any, *, width: int, height: int, num_frames: int) -> Any:
+    """Decode one fetched media field for the conditioning builder (`MediaInputs`): videos and
+    masks at the render size, images at their own size (the builder fits them)."""
+    from pipelines.media import decode_image, decode_mask_image, decode_mask_video, decode_video
+
+    if name == "video":
+        return decode_video(data, name, width=width, height=height, max_frames=num_frames, fps=FPS)
+    if name == "mask_video":
+        return decode_mask_video(data, name, width=width, height=height, max_frames=num_frames, fps=FPS)
+    if name == "mask_image":
+        return decode_mask_image(data, name, width=width, height=height)
+    if name == "images":
+        return [decode_image(b, f"{name}[{i}]") for i, b in enumerate(data)]
+    return decode_image(data, name)
+
+
+def load_runner(config: PipelineConfig) -> VaceRunner:
+    """The served runner: the pipeline of `config.model` loaded from local weights."""
     from pipelines.loader import load_pipeline
 
-    if cpu_threads:
-        torch.set_num_threads(cpu_threads)
+    if config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
+    device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe, info = load_pipeline(model, weights_root=weights_root, device=device)
+    pipe, info = load_pipeline(config.model, weights_root=config.weights_root, device=device)
     pipe.set_progress_bar_config(disable=True)
+    from pipelines.weights import weights_resolver
+
+    context = PreprocessorContext(
+        device=device, weights=weights_resolver(config.weights_root), tiny=info.kind == "random"
+    )
     return VaceRunner(
         pipe,
-        name=model,
+        name=config.model,
         kind=info.kind,
         device=device,
-        downscale=info.render_downscale if tiny_downscale is None else tiny_downscale,
-        encode_preset=encode_preset,
+        downscale=info.render_downscale if config.tiny_downscale is None else config.tiny_downscale,
+        encode_preset=config.encode_preset,
+        preprocessors=PreprocessorSet(context),
     )

@@ -312,3 +312,18 @@ def not_available_error(
         missing=missing,
         fetch_command=cmd,
     )
+
+
+def weights_resolver(weights_root: str | os.PathLike[str]):
+    """`name -> local folder` for the preprocessors' context: the folder of a `weights.toml`
+    entry, checked complete, else `ModelNotAvailable` naming the fetch command. Only local
+    folders: nothing here downloads."""
+
+    def resolve(name: str) -> Path:
+        entry = get_entry(name, load_catalog())
+        missing = check_complete(entry, weights_root)
+        if missing:
+            raise not_available_error(entry, weights_root, missing)
+        return entry.local_dir(weights_root)
+
+    return resolve

@@ -3,6 +3,8 @@
 
 from preprocessors.registry import (
     Preprocessor,
+    PreprocessorContext,
+    PreprocessorSet,
     available_tasks,
     get_preprocessor,
     known_tasks,
@@ -12,6 +14,8 @@ from preprocessors.registry import (
 
 __all__ = [
     "Preprocessor",
+    "PreprocessorContext",
+    "PreprocessorSet",
     "available_tasks",
     "get_preprocessor",
     "known_tasks",

@@ -6,10 +6,15 @@ Looking up a known-but-missing task raises `NotSupportedYet` with a message that
 missing and what the caller can do instead; an unknown task raises it too, naming the task.
 
 Every preprocessor has one call signature (see `Preprocessor`). Entries are registered as
-*factories* and built on first lookup, then cached: model-backed preprocessors (depth, pose,
-flow ...) register a factory that imports torch and their model library only when called, and
-load their weights lazily, so importing this module stays cheap (numpy only) and the HTTP
-process never pays for a model it does not run.
+*factories* that take a `PreprocessorContext` (device, dtype, a weights resolver, whether the
+model is the random tiny one). Instances are not cached here: a `PreprocessorSet`, owned by the
+runner, builds each task's preprocessor on first use and drops them all on `close`, so model
+weights can be freed. Model-backed preprocessors (depth, pose, flow ...) import torch and their
+model library only inside the factory, so importing this module stays cheap (numpy only) and
+the HTTP process never pays for a model it does not run.
+
+The task names the API accepts live in the kernel (`server.kernel.request.TASKS`); a test ties
+that list to this registry, so neither can gain a task the other does not know.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -49,7 +55,19 @@ class Preprocessor:
         raise NotImplementedError
 
 
-Factory = Callable[[], Preprocessor]
+@dataclass(frozen=True)
+class PreprocessorContext:
+    """What a factory may build its preprocessor for."""
+
+    device: str = "cpu"  # where model-backed preprocessors run ("cuda", "cuda:1", "cpu")
+    dtype: str = "float32"  # torch dtype name for their weights
+    # Folder of a weights.toml entry by name (raises when it is not fetched); None = no local
+    # weights, which only the random-weight tiny model may run with.
+    weights: Callable[[str], Path] | None = None
+    tiny: bool = False  # the random tiny model: model-backed tasks may use random weights too
+
+
+Factory = Callable[[PreprocessorContext], Preprocessor]
 
 
 @dataclass(frozen=True)
@@ -63,33 +81,28 @@ class _Entry:
 
 _lock = threading.Lock()
 _entries: dict[str, _Entry] = {}
-_instances: dict[str, Preprocessor] = {}
 
 
 def register(name: str, factory: Factory, *, description: str = "") -> None:
     """Register (or replace) the factory for `task == name`.
 
-    The factory takes no arguments and returns a `Preprocessor`; it is called once, on the first
-    `get_preprocessor(name)`. Model-backed preprocessors should import their heavy libraries
-    inside the factory and load weights lazily. Replacing an entry drops its cached instance.
-    """
+    The factory takes a `PreprocessorContext` and returns a `Preprocessor`; a `PreprocessorSet`
+    calls it once, on the first use of the task. Model-backed preprocessors import their heavy
+    libraries inside the factory and load weights from `context.weights`."""
     if not name:
         raise ValueError("a preprocessor needs a non-empty task name")
     with _lock:
         old = _entries.get(name)
         _entries[name] = _Entry(name, factory, description or (old.description if old else name))
-        _instances.pop(name, None)
 
 
 def register_planned(name: str, description: str) -> None:
     """Declare a task the server knows but cannot run yet: looking it up raises NotSupportedYet."""
     with _lock:
         _entries[name] = _Entry(name, None, description)
-        _instances.pop(name, None)
 
 
-def get_preprocessor(task: str) -> Preprocessor:
-    """The (cached) preprocessor for `task`; raises NotSupportedYet for unknown or missing ones."""
+def _factory_for(task: str) -> Factory:
     with _lock:
         entry = _entries.get(task)
         if entry is None:
@@ -103,11 +116,46 @@ def get_preprocessor(task: str) -> Preprocessor:
                 f"({entry.description}) is not installed; use task 'none' with an already-made "
                 "control video, or omit video"
             )
-        inst = _instances.get(task)
-        if inst is None:
-            inst = entry.factory()
-            _instances[task] = inst
-        return inst
+        return entry.factory
+
+
+class PreprocessorSet:
+    """The preprocessors one runner has built, keyed by task. The runner owns it: `close`
+    drops every instance (and with them their model weights), so GPU memory can be freed."""
+
+    def __init__(self, context: PreprocessorContext | None = None):
+        self.context = context or PreprocessorContext()
+        self._built: dict[str, Preprocessor] = {}
+        self._lock = threading.Lock()
+
+    def get(self, task: str) -> Preprocessor:
+        """The preprocessor for `task`, built on first use; NotSupportedYet for unknown or
+        missing ones."""
+        factory = _factory_for(task)
+        with self._lock:
+            inst = self._built.get(task)
+            if inst is None:
+                inst = factory(self.context)
+                self._built[task] = inst
+            return inst
+
+    def built(self) -> list[str]:
+        with self._lock:
+            return list(self._built)
+
+    def close(self) -> None:
+        with self._lock:
+            for inst in self._built.values():
+                close = getattr(inst, "close", None)
+                if close is not None:
+                    close()
+            self._built.clear()
+
+
+def get_preprocessor(task: str) -> Preprocessor:
+    """A freshly built preprocessor for `task` with the default (CPU) context; for callers that
+    own no `PreprocessorSet` (tests, scripts). NotSupportedYet for unknown or missing ones."""
+    return _factory_for(task)(PreprocessorContext())
 
 
 def _available_locked() -> list[str]:
@@ -131,16 +179,10 @@ def is_known(task: str) -> bool:
         return task in _entries
 
 
-def clear_cache() -> None:
-    """Drop every built preprocessor (frees model weights; the next lookup builds again)."""
-    with _lock:
-        _instances.clear()
-
-
 def _register_builtins() -> None:
     # Factories import lazily so that this module never imports anything heavy.
     def _basic(cls_name: str) -> Factory:
-        def make() -> Preprocessor:
+        def make(context: PreprocessorContext) -> Preprocessor:
             from preprocessors import basic
 
             return getattr(basic, cls_name)()

@@ -1,70 +1,44 @@
 """The HTTP app factory. `create_app(settings)` builds everything from the settings object
-(store, storage, auth, worker supervisor); nothing is global, so tests run several apps side by
-side. This process never imports torch: it stays light and answers while workers are busy,
-crashed or loading weights.
+(store, storage, auth, worker supervisor) into an `AppState` (server/state.py, which the routes
+import; nothing imports this module but the CLI and tests); nothing is global, so tests run
+several apps side by side. This process never imports torch: it stays light and answers while
+workers are busy, crashed or loading weights.
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.auth import Authenticator
 from server.kernel.errors import ApiError, envelope_for_error
 from server.settings import Settings
-from server.storage import LocalStorage
-from server.store import JobStore, open_store
+from server.state import AppState
+from server.storage import open_storage
+from server.store import open_store
 
 log = logging.getLogger("wan_vace.app")
 
 
-@dataclass
-class AppState:
-    settings: Settings
-    store: JobStore
-    storage: LocalStorage
-    auth: Authenticator
-    supervisor: Any = None  # server.supervisor.Supervisor when workers run in this process
-    dispatcher: Any = None  # server.webhooks.WebhookDispatcher
-
-    def base_url(self, request: Request) -> str:
-        """Absolute origin for URLs we hand out: the configured public URL, else the request's."""
-        if self.settings.public_url:
-            return self.settings.public_url.rstrip("/")
-        return str(request.base_url).rstrip("/")
-
-
-def state_of(request: Request) -> AppState:
-    return request.app.state.wan
-
-
 def create_app(settings: Settings) -> FastAPI:
     from server.routes import health, media, platform, predictions, uploads
-    from server.supervisor import Supervisor
-    from server.webhooks import WebhookDispatcher, webhook_payload_builder
+    from server.webhooks import WebhookDispatcher
+    from server.worker.supervision import Supervisor
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if settings.storage_url:
-        # Refused rather than ignored: outputs silently landing on local disk would be lost to
-        # every other replica.
-        raise NotImplementedError(
-            "WAN_VACE_STORAGE_URL (S3-compatible storage) is not supported yet; unset it to keep "
-            "outputs and uploads in the data dir"
-        )
+    storage = open_storage(settings)
     store = open_store(settings)
-    store.webhook_payload = webhook_payload_builder(settings)  # type: ignore[attr-defined]
     keys = settings.effective_api_keys()
     st = AppState(
         settings=settings,
         store=store,
-        storage=LocalStorage(settings.storage_dir),
+        storage=storage,
         auth=Authenticator(keys),
     )
     if not settings.open_access and not settings.api_keys:
@@ -76,7 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI):
         st.supervisor = Supervisor(settings, store)
         st.supervisor.start()
-        st.dispatcher = WebhookDispatcher(settings, store)
+        st.dispatcher = WebhookDispatcher(settings, store, storage)
         st.dispatcher.start()
         try:
             yield
@@ -84,11 +58,22 @@ def create_app(settings: Settings) -> FastAPI:
             st.dispatcher.stop()
             st.supervisor.stop()
 
-    app = FastAPI(title="wan-vace", version="0.1.0", lifespan=lifespan)
+    # /docs and /redoc with Swagger UI and ReDoc served from this app (fastapi-offline's copies),
+    # not FastAPI's default CDN: the docs must work air-gapped.
+    app = FastAPIOffline(title="wan-vace", version="0.1.0", lifespan=lifespan, static_url="/docs/assets")
     app.state.wan = st
     _install_error_mapping(app)
-    for module in (predictions, health, media, uploads, platform):
-        app.include_router(module.router)
+    # Keyed routers carry `require_key` themselves; health, media and the signed upload PUT are
+    # public by design.
+    for router in (
+        predictions.router,
+        health.router,
+        media.router,
+        uploads.router,
+        uploads.signed,
+        platform.router,
+    ):
+        app.include_router(router)
     return app
 
 

@@ -1,13 +1,28 @@
-"""Bearer-key authentication. Keys are compared in constant time; the output media and health
-need no key (media URLs carry an unguessable token)."""
+"""Bearer-key authentication. Keys are compared in constant time.
+
+`require_key` is the FastAPI dependency, set once on each keyed router
+(`APIRouter(dependencies=[Depends(require_key)])`), so no route can forget it. Routes that are
+public by design live on routers without it: health, `/media/` (its URLs carry an unguessable
+token; players and browsers send no bearer header), the signed upload `PUT` URL (the signature
+is the authorisation), the API docs, and any playground assets to come.
+"""
 
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.kernel.errors import ApiError
+from server.state import state_of
+
+# Declares the bearer scheme in the OpenAPI document, on every route that depends on it. It
+# refuses nothing itself (auto_error=False): the messages are `Authenticator.check`'s.
+_bearer = HTTPBearer(
+    auto_error=False, scheme_name="bearer", description="An API key: `Authorization: Bearer <key>`"
+)
 
 
 class Authenticator:
@@ -34,3 +49,10 @@ class Authenticator:
             ok |= hmac.compare_digest(given, k)
         if not ok:
             raise ApiError(401, "Invalid API key")
+
+
+async def require_key(
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    # async: a constant-time compare needs no thread of its own.
+    state_of(request).auth.check(request)

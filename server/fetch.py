@@ -28,17 +28,14 @@ No FastAPI or torch here: this runs inside the worker.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 import time
 from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import unquote_to_bytes
 
 import httpx
 
 from server import netguard
+from server.datauri import DataURIError, DataURITooLarge, decode_data_uri
 from server.kernel.errors import MediaAccessError
 from server.netguard import AddressRefused, GuardedTransport, Unresolvable, vetted_addresses
 
@@ -131,37 +128,13 @@ def _too_large(field: str, policy: FetchPolicy) -> MediaAccessError:
 # ---------------------------------------------------------------------------------------------
 # data: URIs
 
-_DATA_URI = re.compile(r"^data:(?P<meta>[^,]*),(?P<payload>.*)$", re.DOTALL | re.IGNORECASE)
-
-
 def _decode_data_uri(url: str, field: str, policy: FetchPolicy) -> bytes:
-    m = _DATA_URI.match(url)
-    if m is None:
-        raise _fail(field, "malformed data: URI (expected data:<type>;base64,<data>)")
-    meta = m.group("meta").lower().split(";")
-    payload = m.group("payload")
-    if "base64" in (p.strip() for p in meta[1:]):
-        # Base64 expands 3 bytes to 4: refuse before decoding anything clearly oversized (10%
-        # slack for line breaks and percent-encoding; the exact check follows the decode).
-        if len(payload) * 3 // 4 > policy.max_bytes * 1.1 + 3:
-            raise _too_large(field, policy)
-        if "%" in payload:  # some clients percent-encode '+', '/' and '='
-            payload = unquote_to_bytes(payload).decode("ascii", "replace")
-        payload = "".join(payload.split())
-        if "-" in payload or "_" in payload:
-            payload = payload.replace("-", "+").replace("_", "/")  # URL-safe alphabet
-        payload += "=" * (-len(payload) % 4)  # tolerate stripped padding
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise _fail(field, "the data: URI is not valid base64") from None
-    else:
-        if len(payload) // 3 > policy.max_bytes:  # each byte takes 1 to 3 characters
-            raise _too_large(field, policy)
-        data = unquote_to_bytes(payload)
-    if len(data) > policy.max_bytes:
-        raise _too_large(field, policy)
-    return data
+    try:
+        return decode_data_uri(url, policy.max_bytes)[0]
+    except DataURITooLarge:
+        raise _too_large(field, policy) from None
+    except DataURIError as e:
+        raise _fail(field, str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,39 +1,19 @@
 """Inputs given inline as `data:` URIs are moved into storage at submit time and replaced by our
 own media URL. The store then keeps small rows (a 100 MB video is not re-read on every poll),
-and the worker reads the bytes from storage like any uploaded file. Decoding base64 is cheap;
-no network fetch happens before submit answers (contract §7).
+and the worker reads the bytes from storage like any uploaded file. Decoding base64 is cheap
+(server/datauri.py, the decoder the worker's fetch uses too); no network fetch happens before
+submit answers (contract §7).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
+from server.datauri import DataURIError, decode_data_uri
 from server.kernel.errors import ApiError, bad_request
 from server.kernel.media_types import media_filename, sniff
 from server.kernel.request import MEDIA_BY_NAME, MEDIA_FIELDS
-from server.storage import LocalStorage
-
-
-def decode_data_uri(uri: str, field: str) -> tuple[bytes, str]:
-    """(bytes, media type) of a `data:` URI; 400 naming the field when malformed."""
-    head, sep, payload = uri.partition(",")
-    if not sep or not head.lower().startswith("data:"):
-        raise bad_request(f"{field}: malformed data: URI (no comma)")
-    params = head[5:].split(";")
-    mime = params[0].strip().lower() or "application/octet-stream"
-    try:
-        if any(p.strip().lower() == "base64" for p in params[1:]):
-            data = base64.b64decode("".join(payload.split()), validate=True)
-        else:
-            data = unquote_to_bytes(payload)
-    except (binascii.Error, ValueError):
-        raise bad_request(f"{field}: the data: URI is not valid base64") from None
-    if not data:
-        raise bad_request(f"{field}: the data: URI is empty")
-    return data, mime
+from server.storage import Storage
 
 
 def _limit_for(field: str, limits: dict[str, int]) -> int:
@@ -41,7 +21,7 @@ def _limit_for(field: str, limits: dict[str, int]) -> int:
 
 
 def store_inline_media(
-    inp: dict[str, Any], job_id: str, storage: LocalStorage, base_url: str, limits: dict[str, int]
+    inp: dict[str, Any], job_id: str, storage: Storage, base_url: str, limits: dict[str, int]
 ) -> dict[str, Any]:
     def move(field: str, value: str) -> str:
         if not value.lower().startswith("data:"):
@@ -50,7 +30,13 @@ def store_inline_media(
         # Cheap bound before decoding: base64 is 4/3 of the payload.
         if len(value) * 3 // 4 > limit + 1024:
             raise ApiError(413, f"{field}: inline media larger than the {limit // 2**20} MB limit")
-        data, _mime = decode_data_uri(value, field)
+        # No cap passed: the bound above is this route's, and the exact check follows.
+        try:
+            data, _mime = decode_data_uri(value)
+        except DataURIError as e:
+            raise bad_request(f"{field}: {e}") from None
+        if not data:
+            raise bad_request(f"{field}: the data: URI is empty")
         if len(data) > limit:
             raise ApiError(413, f"{field}: inline media larger than the {limit // 2**20} MB limit")
         # The extension comes from the bytes, never the claimed type: a `data:text/html` input
@@ -58,8 +44,8 @@ def store_inline_media(
         # and fail the job with the decoder's clear message.
         found = sniff(data)
         name = media_filename(field.replace("[", "").replace("]", ""), found[1] if found else None)
-        key = storage.put_bytes(LocalStorage.new_key(f"inputs/{job_id}", name), data)
-        return LocalStorage.url(base_url, key)
+        key = storage.put_bytes(storage.new_key(f"inputs/{job_id}", name), data)
+        return storage.url(base_url, key)
 
     out = dict(inp)
     for m in MEDIA_FIELDS:

@@ -1,16 +1,17 @@
 """The prediction object: how a stored job looks on the wire (contract §4), in poll answers,
-sync-mode answers and webhook bodies. No FastAPI here, so the worker builds webhook bodies with
-the same code.
+sync-mode answers and webhook bodies. No FastAPI here: the webhook dispatcher builds its bodies
+with the same code when it delivers them.
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 from server.kernel.jobstate import State
-from server.storage import LocalStorage
+from server.storage import Storage
 from server.store import Job
 
 
@@ -28,17 +29,19 @@ def prediction_object(
     job: Job,
     base_url: str,
     *,
-    storage: LocalStorage | None = None,
+    storage: Storage,
     include_input: bool = False,
+    base64_outputs: bool = True,
 ) -> dict[str, Any]:
-    """The `data` object for a job. Outputs are absolute URLs on `base_url`, or bare base64
-    strings when the job asked for `enable_base64_output` (then `storage` must be given)."""
+    """The `data` object for a job. Outputs are absolute URLs on `base_url` (as the storage
+    names them), or bare base64 strings when the job asked for `enable_base64_output` and
+    `base64_outputs` is left on (history and webhook bodies list URLs)."""
     completed = job.status is State.COMPLETED
     keys = job.outputs if completed else []
-    if completed and job.input.get("enable_base64_output") and storage is not None:
+    if completed and job.input.get("enable_base64_output") and base64_outputs:
         outputs = [base64.b64encode(storage.read_bytes(k)).decode("ascii") for k in keys]
     else:
-        outputs = [LocalStorage.url(base_url, k) for k in keys]
+        outputs = [storage.url(base_url, k) for k in keys]
     inference_ms = job.inference_ms or 0
     data: dict[str, Any] = {
         "id": job.id,
@@ -67,19 +70,19 @@ def prediction_object(
             data["render_size"] = list(job.extra["render_size"])
         cond = job.extra.get("conditioning")
         if cond:
-            data["conditioning"] = _conditioning_urls(cond, base_url)
+            data["conditioning"] = _conditioning_urls(cond, base_url, storage.url)
     if include_input:
         data["input"] = job.input
     return data
 
 
-def _conditioning_urls(cond: dict[str, Any], base_url: str) -> dict[str, Any]:
+def _conditioning_urls(cond: dict[str, Any], base_url: str, url: Callable[[str, str], str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in cond.items():
         if isinstance(value, list):
-            out[name] = [LocalStorage.url(base_url, k) for k in value]
+            out[name] = [url(base_url, k) for k in value]
         elif isinstance(value, str) and "/" in value:
-            out[name] = LocalStorage.url(base_url, value)
+            out[name] = url(base_url, value)
         else:
             out[name] = value
     return out

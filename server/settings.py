@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     storage_url: str | None = None
     # Absolute origin clients reach us at (behind a proxy). Unset: the request's own base URL.
     public_url: str | None = None
+    # Where `wan-vace serve` listens; `--host` / `--port` win over these.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # Logging of the `wan-vace` process (`--log-level` wins), uvicorn's included.
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # Comma-separated bearer keys. Unset and not open: a key is generated on first start and
     # kept in <data_dir>/api_key so the quickstart works without being open to the network.
@@ -87,6 +92,11 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
 
     @property
     def resolved_weights_dir(self) -> Path:

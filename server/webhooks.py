@@ -1,10 +1,12 @@
 """Signed webhook deliveries from a durable outbox (contract §3.5).
 
 A job's terminal transition inserts one outbox row in the same transaction (event id
-`<job id>-<status>`, so one delivery per event whatever retries or restarts happen). This
-dispatcher posts due rows with WaveSpeed's headers, retries failures with exponential backoff
-and gives up after `webhook_max_attempts`. Rows live in the store, so deliveries survive a
-restart.
+`<job id>-<status>`, so one delivery per event whatever retries or restarts happen). The row
+records the event, not its body: this dispatcher builds the body from the job row when it posts
+it, so the store needs no callback into the server, and since a terminal job never changes,
+every attempt posts the same bytes. It posts due rows with WaveSpeed's headers, retries failures
+with exponential backoff and gives up after `webhook_max_attempts`. Rows live in the store, so
+deliveries survive a restart.
 
 Signature: `webhook-signature: v3,<hex>` where hex = HMAC-SHA256(key = the secret without its
 `whsec_` prefix, as UTF-8 bytes, msg = "{webhook-id}.{webhook-timestamp}.{raw body}").
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import threading
@@ -25,7 +28,8 @@ import httpx
 
 from server.predictions import prediction_object
 from server.settings import Settings
-from server.store import Job, JobStore
+from server.storage import Storage, open_storage
+from server.store import Job, JobStore, WebhookDelivery
 
 log = logging.getLogger("wan_vace.webhooks")
 
@@ -41,19 +45,27 @@ def signature(secret: str, webhook_id: str, timestamp: str, body: bytes) -> str:
     return "v3," + hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
-def webhook_payload_builder(settings: Settings) -> Callable[[Job], dict[str, Any]]:
-    """The bare prediction object (not wrapped in code/data), URLs on the job's origin."""
+def webhook_payload_builder(
+    settings: Settings, storage: Storage | None = None
+) -> Callable[[Job], dict[str, Any]]:
+    """The bare prediction object (not wrapped in code/data), URLs on the job's origin, as the
+    storage names them (default: the local folder's `/media/` URLs)."""
+    storage = storage or open_storage(settings)
 
     def build(job: Job) -> dict[str, Any]:
-        return prediction_object(job, settings.public_url or job.base_url, include_input=True)
+        return prediction_object(
+            job, settings.public_url or job.base_url, storage=storage, include_input=True,
+            base64_outputs=False,
+        )  # fmt: skip
 
     return build
 
 
 class WebhookDispatcher:
-    def __init__(self, settings: Settings, store: JobStore):
+    def __init__(self, settings: Settings, store: JobStore, storage: Storage | None = None):
         self.s = settings
         self.store = store
+        self.payload = webhook_payload_builder(settings, storage)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -90,8 +102,23 @@ class WebhookDispatcher:
                     except Exception:
                         log.exception("webhook %s: the delivery attempt failed unexpectedly", d.event_id)
 
-    def _deliver(self, client: httpx.Client, d: Any) -> None:
-        body = d.body.encode()
+    def _body(self, d: WebhookDelivery) -> bytes | None:
+        """The event's body, or None after giving up on an event that has no job to describe."""
+        if d.body is not None:  # stored by a release that built bodies at the transition
+            return d.body.encode()
+        job = self.store.get(d.job_id)
+        if job is None or job.status.value != d.status:
+            now = f"is {job.status.value}, not {d.status}" if job else "does not exist"
+            err = f"job {d.job_id} {now}: nothing to deliver"
+            log.warning("webhook %s: %s; giving up", d.event_id, err)
+            self.store.webhook_attempted(d.event_id, delivered=False, error=err, next_attempt_at=None)
+            return None
+        return json.dumps(self.payload(job), separators=(",", ":")).encode()
+
+    def _deliver(self, client: httpx.Client, d: WebhookDelivery) -> None:
+        body = self._body(d)
+        if body is None:
+            return
         ts = str(int(time.time()))
         headers = {
             "Content-Type": "application/json",

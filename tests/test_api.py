@@ -209,3 +209,63 @@ def test_oversized_submit_body_is_413(tmp_path):
         r = submit(c, {"prompt": "x" * 2000})
         assert r.status_code == 413 and "media/uploads" in r.json()["message"]
         assert submit(c, {"prompt": "x" * 100}).status_code == 200
+
+
+def test_routes_import_state_not_the_app_and_set_auth_once_per_router():
+    """No route module imports server.app (which imports every route) or checks the key by
+    hand: keyed routers carry the `require_key` dependency."""
+    from pathlib import Path
+
+    from fastapi.params import Depends
+
+    from server.auth import require_key
+    from server.routes import health, media, platform, predictions, uploads
+
+    for f in (Path(__file__).parents[1] / "server" / "routes").glob("*.py"):
+        text = f.read_text()
+        # An escaped pattern, so that a grep for the call finds only server/auth.py.
+        assert "server.app" not in text and not re.search(r"auth\.check", text), f.name
+    for router in (predictions.router, platform.router, uploads.router):
+        assert [d.dependency for d in router.dependencies if isinstance(d, Depends)] == [require_key]
+    for router in (health.router, media.router, uploads.signed):
+        assert router.dependencies == []
+
+
+def test_key_is_checked_before_the_body_is_read(app_client):
+    r = app_client.post(
+        "/api/v3/wavespeed-ai/wan-2.1-14b-vace", content=b"{not json", headers={"Authorization": "Bearer nope"}
+    )
+    assert r.status_code == 401 and r.json()["message"] == "Invalid API key"
+    r = app_client.post("/api/v3/predictions", content=b"[]", headers={"Authorization": ""})
+    assert r.status_code == 401 and "Missing API key" in r.json()["message"]
+
+
+def test_inline_data_uris_are_decoded_leniently_but_not_empty(app_client, tmp_path):
+    """Submit and the worker's fetch share one decoder (server/datauri.py): the URL-safe
+    alphabet, stripped padding and percent-encoding are accepted; an empty payload is not."""
+    import base64
+
+    from server.store.sqlite import SqliteJobStore
+
+    png = b"\x89PNG\r\n\x1a\n" + b"\xfb\xff" * 16 + b"0"
+    for uri in (
+        "data:image/png;base64," + base64.urlsafe_b64encode(png).decode().rstrip("="),
+        "data:image/png;base64," + base64.b64encode(png).decode().replace("/", "%2F").replace("+", "%2B"),
+    ):
+        r = submit(app_client, {"prompt": "x", "images": [uri]})
+        assert r.status_code == 200, r.text
+        url = SqliteJobStore(tmp_path / "jobs.sqlite3").get(r.json()["data"]["id"]).input["images"][0]
+        assert app_client.get(url.replace("http://testserver", "")).content == png
+    r = submit(app_client, {"prompt": "x", "mask_image": "data:image/png;base64,"})
+    assert r.status_code == 400 and r.json()["message"] == "mask_image: the data: URI is empty"
+    r = submit(app_client, {"prompt": "x", "video": "data:video/mp4;base64"})
+    assert r.status_code == 400 and r.json()["message"].startswith("video: malformed data: URI")
+
+
+def test_media_answers_range_requests(app_client):
+    st = app_client.app.state.wan
+    key = st.storage.put_bytes(st.storage.new_key("outputs/r", "o.mp4"), bytes(range(100)))
+    r = app_client.get(f"/media/{key}", headers={"Range": "bytes=10-19", "Authorization": ""})
+    assert r.status_code == 206 and r.content == bytes(range(10, 20))
+    assert r.headers["content-range"] == "bytes 10-19/100" and r.headers["content-type"] == "video/mp4"
+    assert app_client.head(f"/media/{key}").headers["content-length"] == "100"

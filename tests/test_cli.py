@@ -1,9 +1,15 @@
-"""`wan-vace serve --workers 0` plus a separate `wan-vace worker`: the API and the workers only
-share the store, as they would on different machines."""
+"""The command line: `wan-vace serve --workers 0` plus a separate `wan-vace worker` (the API and
+the workers only share the store, as they would on different machines), and in process the
+flags, their settings and which wins (`--version`, `--host`, `--port`, `--log-level`)."""
 
 import subprocess
 import sys
+from importlib.metadata import version
 
+import pytest
+import uvicorn
+
+from server import cli
 from tests.conftest import FAST, ROOT, ServerProcess, wait_terminal
 
 
@@ -44,3 +50,61 @@ def test_missing_weights_fail_health_with_the_fetch_command(tmp_path):
             assert c.post("/api/v3/wavespeed-ai/wan-2.1-14b-vace", json={"prompt": "x"}).status_code == 200
     finally:
         srv.stop()
+
+
+# In process: flags, settings and what `serve` hands uvicorn (uvicorn.run replaced) ----------
+
+
+def _serve(monkeypatch, tmp_path, *argv):
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    assert cli.main(["serve", "--data-dir", str(tmp_path), "--workers", "0", *argv]) == 0
+    return seen
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["--version"])
+    assert ei.value.code == 0
+    assert capsys.readouterr().out.strip() == f"wan-vace {version('wan-vace')}"
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == f"wan-vace {version('wan-vace')}"
+
+
+def test_serve_defaults(monkeypatch, tmp_path):
+    for name in ("WAN_VACE_HOST", "WAN_VACE_PORT", "WAN_VACE_LOG_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+    seen = _serve(monkeypatch, tmp_path)
+    assert (seen["host"], seen["port"], seen["log_level"]) == ("127.0.0.1", 8000, "info")
+    assert seen["app"].state.wan.settings.data_dir == tmp_path
+
+
+def test_host_port_and_log_level_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("WAN_VACE_HOST", "0.0.0.0")
+    monkeypatch.setenv("WAN_VACE_PORT", "9123")
+    monkeypatch.setenv("WAN_VACE_LOG_LEVEL", "WARNING")
+    seen = _serve(monkeypatch, tmp_path)
+    assert (seen["host"], seen["port"], seen["log_level"]) == ("0.0.0.0", 9123, "warning")
+
+
+def test_flags_win_over_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("WAN_VACE_HOST", "0.0.0.0")
+    monkeypatch.setenv("WAN_VACE_PORT", "9123")
+    monkeypatch.setenv("WAN_VACE_LOG_LEVEL", "error")
+    seen = _serve(monkeypatch, tmp_path, "--host", "127.0.0.2", "--port", "9200", "--log-level", "debug")
+    assert (seen["host"], seen["port"], seen["log_level"]) == ("127.0.0.2", 9200, "debug")
+
+
+def test_worker_takes_log_level_and_bad_values_are_usage_errors(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("WAN_VACE_LOG_LEVEL", raising=False)
+    args = cli.parser().parse_args(["worker", "--log-level", "error", "--data-dir", str(tmp_path)])
+    assert cli._settings(args).log_level == "error"
+    with pytest.raises(SystemExit) as ei:
+        cli.parser().parse_args(["serve", "--log-level", "loud"])
+    assert ei.value.code == 2
+    monkeypatch.setenv("WAN_VACE_LOG_LEVEL", "loud")
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["worker", "--data-dir", str(tmp_path)])
+    assert ei.value.code == 2 and "log_level" in capsys.readouterr().err

@@ -566,3 +566,13 @@ def test_pipeline_one_channel_mask_equals_three_channels(pipe):
         l3 = pipe.prepare_video_latents(vid3, m3, [[]], None, dev)
     torch.testing.assert_close(l1, l3, rtol=0, atol=0)
     torch.testing.assert_close(pipe.prepare_masks(m1, [[]]), pipe.prepare_masks(m3, [[]]))
+
+
+def test_media_inputs_are_exactly_the_media_field_table():
+    # The runner fills MediaInputs from the kernel's table by name; neither can gain a field the
+    # other lacks.
+    import dataclasses
+
+    from server.kernel.request import MEDIA_FIELDS
+
+    assert [f.name for f in dataclasses.fields(MediaInputs)] == [m.name for m in MEDIA_FIELDS]

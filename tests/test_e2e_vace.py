@@ -474,7 +474,8 @@ class StubPipe:
 def test_sampling_settings_reach_the_pipeline_per_job(tmp_path):
     from diffusers import UniPCMultistepScheduler
 
-    from pipelines.runner import DEFAULT_NEGATIVE_PROMPT, FetchedMedia, VaceRunner
+    from pipelines.runner import DEFAULT_NEGATIVE_PROMPT, VaceRunner
+    from server.kernel.request import VaceRequest
     from server.schemas import validate_submit
 
     official = (  # Wan2.1 wan/configs/shared_config.py `sample_neg_prompt`, verbatim
@@ -498,7 +499,7 @@ def test_sampling_settings_reach_the_pipeline_per_job(tmp_path):
         inp, _ = validate_submit(body)
         workdir = tmp_path / str(i)
         workdir.mkdir()
-        result = runner.run(inp, FetchedMedia(), workdir, progress.append)
+        result = runner.run(VaceRequest.from_input(inp), {}, workdir, progress.append)
         call = pipe.calls[-1]
         sched = call["scheduler"]
         assert isinstance(sched, UniPCMultistepScheduler)

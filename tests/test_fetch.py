@@ -418,6 +418,26 @@ def test_data_uri_size_cap():
         fetch_media("data:," + "%41" * 1001, "video", policy)
 
 
+def test_one_data_uri_decoder_for_fetch_and_submit():
+    """server/datauri.py is the only decoder: fetch and the submit path both call it, and its
+    errors are plain ValueErrors each caller maps to its own (MediaAccessError here)."""
+    import inspect
+
+    from server import datauri, fetch, inputs
+
+    assert fetch.decode_data_uri is inputs.decode_data_uri is datauri.decode_data_uri
+    assert issubclass(datauri.DataURIError, ValueError) and not issubclass(datauri.DataURIError, MediaAccessError)
+    assert issubclass(datauri.DataURITooLarge, datauri.DataURIError)
+    for module in (fetch, inputs):
+        assert "b64decode" not in inspect.getsource(module), module.__name__
+    assert datauri.decode_data_uri("data:image/PNG;base64,AAAA") == (b"\0\0\0", "image/png")
+    assert datauri.decode_data_uri("data:,x")[1] == "application/octet-stream"
+    with pytest.raises(datauri.DataURITooLarge):
+        datauri.decode_data_uri("data:;base64,AAAAAAAA", max_bytes=5)
+    with pytest.raises(datauri.DataURIError, match="malformed"):
+        datauri.decode_data_uri("data:nocomma")
+
+
 def test_local_resolver_bypasses_http(srv):
     own = f"{srv.base}/media/outputs/abc.mp4"
     seen = []

@@ -10,7 +10,6 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.settings import MODEL_ID, Settings
-from server.storage import LocalStorage
 
 KEY = "k-platform"
 SUBMIT = f"/api/v3/{MODEL_ID}"
@@ -41,7 +40,7 @@ def finish(c, job_id: str, *, output: bytes | None = b"\0\0\0\x18ftypisom-fake-m
     if fail:
         st.store.fail(job_id, "test-worker", code=1403, error=fail)
         return
-    key = st.storage.put_bytes(LocalStorage.new_key(f"outputs/{job_id}", "output.mp4"), output)
+    key = st.storage.put_bytes(st.storage.new_key(f"outputs/{job_id}", "output.mp4"), output)
     assert st.store.complete(
         job_id, "test-worker", outputs=[key], has_nsfw=[False], inference_ms=12, seed=7, extra={}
     )

@@ -19,7 +19,6 @@ PLANNED = ["depth", "pose", "face", "flow", "scribble", "depthv2", "pose_body"]
 def isolated_registry(monkeypatch):
     """Registry changes made by a test vanish after it."""
     monkeypatch.setattr(registry, "_entries", dict(registry._entries))
-    monkeypatch.setattr(registry, "_instances", dict(registry._instances))
 
 
 def _frames(f=2, h=4, w=6, seed=0):
@@ -36,17 +35,29 @@ def test_registry_lists_tasks():
     assert {"depth", "pose", "face", "inpainting", "none"} <= set(known_tasks())
 
 
-def test_lookup_returns_cached_instances_with_attributes():
+def test_the_api_accepts_exactly_the_tasks_the_registry_knows():
+    # The task names exist once on each side of the process boundary; this ties them together.
+    from server.kernel.request import TASKS, WAVESPEED_TASKS
+
+    assert sorted(known_tasks()) == sorted(TASKS)
+    assert set(WAVESPEED_TASKS) <= set(known_tasks())
+
+
+def test_a_set_builds_each_task_once_with_attributes():
+    s = registry.PreprocessorSet()
     for task, cls, needs_mask in [
         ("none", NonePreprocessor, False),
         ("gray", GrayPreprocessor, False),
         ("inpainting", InpaintingPreprocessor, True),
     ]:
-        pre = get_preprocessor(task)
+        pre = s.get(task)
         assert isinstance(pre, cls)
         assert pre.name == task
         assert pre.needs_mask is needs_mask
-        assert get_preprocessor(task) is pre
+        assert s.get(task) is pre
+        assert isinstance(get_preprocessor(task), cls)  # a fresh one, for callers without a set
+    assert s.built() == ["none", "gray", "inpainting"]
+    assert registry.PreprocessorSet().get("gray") is not s.get("gray")  # sets share nothing
 
 
 @pytest.mark.parametrize("task", PLANNED)
@@ -80,18 +91,26 @@ def test_register_is_lazy_and_replaces_planned_entries(isolated_registry):
         def __call__(self, frames, mask):
             return frames, mask
 
-    def factory():
-        calls.append(1)
+        closed = 0
+
+        def close(self):
+            Fake.closed += 1
+
+    def factory(context):
+        calls.append(context)
         return Fake()
 
     registry.register("depth", factory)
     assert calls == []  # nothing built at registration
     assert "depth" in available_tasks()
-    pre = get_preprocessor("depth")
-    assert isinstance(pre, Fake) and get_preprocessor("depth") is pre and calls == [1]
-    registry.clear_cache()
-    get_preprocessor("depth")
-    assert calls == [1, 1]
+    ctx = registry.PreprocessorContext(device="cuda:1", dtype="bfloat16", tiny=True)
+    s = registry.PreprocessorSet(ctx)
+    pre = s.get("depth")
+    assert isinstance(pre, Fake) and s.get("depth") is pre and calls == [ctx]
+    s.close()  # the runner frees what it built: close() on each, then they are dropped
+    assert Fake.closed == 1 and s.built() == []
+    s.get("depth")
+    assert calls == [ctx, ctx]
     # the description survives a replacement; re-planning makes the task unavailable again
     registry.register_planned("depth", "MiDaS depth")
     with pytest.raises(NotSupportedYet, match="MiDaS depth"):

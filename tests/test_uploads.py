@@ -130,6 +130,24 @@ def test_ticket_of_another_server_is_refused(app_client, tmp_path):
     assert r.status_code == 403
 
 
+def test_tickets_have_their_own_secret_and_survive_a_restart(app_client, tmp_path):
+    import inspect
+
+    from server.webhooks import webhook_secret
+
+    st = app_client.app.state.wan
+    url = ticket(app_client).json()["data"]["upload"]["url"]
+    secret = st.store.get_setting("upload_ticket_secret")
+    hook = webhook_secret(st.store)
+    assert secret and secret not in hook and hook.removeprefix("whsec_") not in secret
+    assert "server.webhooks" not in inspect.getsource(uploads)
+    # A new app on the same data dir (a restart) verifies tickets the first one signed.
+    again = create_app(Settings(data_dir=tmp_path, workers=0, api_keys=[KEY]))
+    with TestClient(again) as c2:
+        assert put(c2, url, png_bytes()).status_code == 200
+    assert st.store.get_setting("upload_ticket_secret") == secret
+
+
 def test_ticket_put_sniffs_the_bytes(app_client, mp4):
     up = ticket(app_client).json()["data"]["upload"]
     # HTML claiming to be a PNG: refused, and the ticket stays usable for the real file.

@@ -291,3 +291,64 @@ def test_dispatcher_gives_up_on_an_undeliverable_row_and_goes_on(tmp_path, recei
             time.sleep(0.1)
     assert row[0] == 1 and row[1] is not None and "invalid URL" in row[2]
     assert [d.answered for d in receiver.for_event("b" * 32 + "-failed")] == [500, 500, 200]
+
+
+def test_bodies_are_built_when_delivered_and_old_rows_keep_theirs(tmp_path, receiver):
+    """New outbox rows hold the event only: the dispatcher builds the body from the job row. A
+    row left undelivered by a release that stored bodies is delivered with the stored bytes, and
+    a row whose job is gone is given up instead of posting something made up."""
+    from server.webhooks import webhook_payload_builder
+    from tests.test_store_migrations import DDL_UNVERSIONED
+
+    legacy_id, new_id = "c" * 32, "d" * 32
+    legacy_body = '{"id":"' + legacy_id + '","status":"failed","note":"stored by the old release"}'
+    hook = f"{receiver.url}/hook/flaky/at-delivery"
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
+    db.executescript(DDL_UNVERSIONED)
+    db.execute(
+        "INSERT INTO jobs (id, model, status, input, base_url, created_at, max_attempts, webhook_url,"
+        " error, code, finished_at) VALUES (?, ?, 'failed', '{}', 'http://testserver', 1.0, 1, ?,"
+        " 'old', 1403, 2.0)",
+        (legacy_id, MODEL_ID, hook),
+    )
+    db.execute(
+        "INSERT INTO webhook_outbox (event_id, job_id, url, body, next_attempt_at)"
+        " VALUES (?, ?, ?, ?, 2.0), ('vanished-failed', 'vanished', ?, '{}', 2.0)",
+        (f"{legacy_id}-failed", legacy_id, hook, legacy_body, hook),
+    )
+    db.close()
+
+    settings = Settings(data_dir=tmp_path, workers=0, api_keys=["k"], allow_private_urls=True,
+                        webhook_backoff=0.2)
+    app = create_app(settings)  # migrates the old file
+    store = app.state.wan.store
+    store.create(NewJob(id=new_id, model=MODEL_ID, input={"prompt": "x"}, base_url="http://testserver",
+                        max_attempts=1, webhook_url=hook))
+    assert store.claim("w", 60).id == new_id
+    store.fail(new_id, "w", code=1403, error="boom")
+    # The vanished job's row is rewritten as a new-style one (no body) to exercise the give-up path.
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.execute("UPDATE webhook_outbox SET body = NULL WHERE event_id = 'vanished-failed'")
+    with TestClient(app):
+        for jid in (legacy_id, new_id):
+            receiver.wait(lambda jid=jid: any(d.answered == 200 for d in receiver.for_event(f"{jid}-failed")),
+                          timeout=60, what=f"{jid} delivery")
+        secret = app.state.wan.dispatcher.secret
+    for d in receiver.for_event(f"{legacy_id}-failed"):
+        verify(secret, d)
+        assert d.body == legacy_body.encode()
+    got = receiver.for_event(f"{new_id}-failed")
+    assert [d.answered for d in got] == [500, 500, 200]
+    for d in got:
+        verify(secret, d)
+    built = json.dumps(webhook_payload_builder(settings)(store.get(new_id)), separators=(",", ":"))
+    assert {d.body for d in got} == {built.encode()}
+    body = json.loads(built)
+    assert body["id"] == new_id and body["status"] == "failed" and body["error"] == "boom"
+    assert body["code"] == 1403 and body["input"] == {"prompt": "x"}
+    assert receiver.for_event("vanished-failed") == []
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        gave_up, error = db.execute(
+            "SELECT gave_up_at, last_error FROM webhook_outbox WHERE event_id = 'vanished-failed'"
+        ).fetchone()
+    assert gave_up is not None and error == "job vanished does not exist: nothing to deliver"

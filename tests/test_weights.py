@@ -329,3 +329,16 @@ def test_manifest_file_is_valid_json(tmp_path):
     assert data["format"] == 1
     for meta in data["files"].values():
         assert set(meta) == {"sha256", "size"} and len(meta["sha256"]) == 64
+
+
+def test_weights_resolver_for_preprocessors_names_the_fetch_command(tmp_path):
+    from pipelines.weights import ModelNotAvailable, UnknownModel, weights_resolver
+
+    resolve = weights_resolver(tmp_path)
+    with pytest.raises(ModelNotAvailable) as e:
+        resolve("wan2.1-vace-14b")  # known, not fetched into tmp_path
+    assert "scripts/fetch_weights.py wan2.1-vace-14b" in str(e.value)
+    with pytest.raises(UnknownModel):
+        resolve("no-such-model")
+    with pytest.raises(ValueError, match="has no local folder"):
+        resolve("tiny")  # random weights: there is no folder to hand out

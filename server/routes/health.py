@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from server.app import state_of
+from server.state import state_of
 
 router = APIRouter()
 

@@ -1,5 +1,7 @@
 """Serves outputs, uploads and inline inputs from storage at /media/{key}. No API key: keys
-carry a random token, and media players and browsers cannot send bearer headers."""
+carry a random token, and media players and browsers cannot send bearer headers. The storage
+hands over the object's file (`Storage.local_path`); FileResponse answers HEAD and Range
+requests (players seek with them) itself."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import mimetypes
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from server.app import state_of
 from server.kernel.errors import ApiError
+from server.state import state_of
 
 router = APIRouter()
 
@@ -17,16 +19,12 @@ router = APIRouter()
 @router.get("/media/{key:path}")
 @router.head("/media/{key:path}")
 def media(key: str, request: Request) -> FileResponse:
-    st = state_of(request)
-    # Any key that cannot name a stored file is a 404: a key that leaves the root (KeyError), and
-    # one the OS cannot even look up (a name too long, a NUL byte: OSError, ValueError).
+    # Any key that names no stored object is a 404, whether nothing is stored under it or it is
+    # not a key at all (it leaves the root, or is too long or has a NUL byte to be one).
     try:
-        path = st.storage.path(key)
-        found = path.is_file()
-    except (KeyError, OSError, ValueError):
-        found = False
-    if not found:
-        raise ApiError(404, "media not found")
+        path = state_of(request).storage.local_path(key)
+    except KeyError:
+        raise ApiError(404, "media not found") from None
     ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     # nosniff: browsers must not second-guess the type into something executable.
     return FileResponse(path, media_type=ctype, headers={"X-Content-Type-Options": "nosniff"})

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
-from server.app import state_of
+from server.auth import require_key
 from server.predictions import success
 from server.schemas import request_schema
 from server.settings import MODEL_ID
+from server.state import state_of
 from server.webhooks import webhook_secret
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(require_key)])
 
 
 @router.get("/api/v3/models")
 def models(request: Request) -> dict[str, Any]:
     st = state_of(request)
-    st.auth.check(request)
     return success(
         [
             {
@@ -42,6 +42,5 @@ def models(request: Request) -> dict[str, Any]:
 @router.get("/api/v3/webhook/secret")
 def secret(request: Request) -> dict[str, Any]:
     st = state_of(request)
-    st.auth.check(request)
     s = webhook_secret(st.store)
     return success({"secret": s, "webhook_secret": s})

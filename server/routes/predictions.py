@@ -11,48 +11,43 @@ import time
 from typing import Any
 
 import httpx
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from server.app import AppState, state_of
-from server.kernel.errors import CODE_TIMEOUT, ApiError, bad_request
+from server.auth import require_key
 from server.inputs import store_inline_media
+from server.kernel.errors import CODE_TIMEOUT, ApiError, bad_request
 from server.kernel.jobstate import State
 from server.predictions import prediction_object, success
-from server.schemas import validate_submit
+from server.routes.body import read_capped
+from server.schemas import request_schema, validate_submit
 from server.settings import MODEL_ID
+from server.state import AppState, state_of
 from server.store import IdempotencyConflict, Job, NewJob, QueueFull
 
 log = logging.getLogger("wan_vace.api")
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(require_key)])
+
+# The body is read by hand (size cap, tolerant validation), so FastAPI cannot infer it: the
+# OpenAPI document gets the schema built from the kernel's field table instead.
+_SUBMIT_BODY = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}
+}
 
 _BASE64_WEBHOOK = (
     "webhook callback does not support base64 output, please use the normal API to use base64 output"
 )
 
 
-async def _read_capped(request: Request, cap: int) -> bytes:
-    """The body, refused with 413 past `cap` bytes without holding more than that in memory."""
+async def _json_body(request: Request, *, empty: Any = None) -> Any:
+    """The parsed JSON body; `empty` (when not None) stands for an empty body."""
+    cap = state_of(request).settings.max_request_bytes
     too_large = ApiError(
         413,
         f"request body larger than {cap // 2**20} MB; upload large media first "
         "(POST /api/v3/media/uploads) and send its URL",
     )
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > cap:
-        raise too_large
-    chunks, n = [], 0
-    async for chunk in request.stream():
-        n += len(chunk)
-        if n > cap:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _json_body(request: Request, *, empty: Any = None) -> Any:
-    """The parsed JSON body; `empty` (when not None) stands for an empty body."""
-    raw = await _read_capped(request, state_of(request).settings.max_request_bytes)
+    raw = await read_capped(request, cap, too_large)
     if not raw.strip():
         if empty is not None:
             return empty
@@ -82,11 +77,10 @@ def _data(st: AppState, request: Request, job: Job) -> dict[str, Any]:
     return data
 
 
-@router.post(f"/api/v3/{MODEL_ID}")
-@router.post(f"/api/v2/{MODEL_ID}")
+@router.post(f"/api/v3/{MODEL_ID}", openapi_extra=_SUBMIT_BODY)
+@router.post(f"/api/v2/{MODEL_ID}", openapi_extra=_SUBMIT_BODY)
 async def submit(request: Request) -> dict[str, Any]:
     st = state_of(request)
-    st.auth.check(request)
     body = await _json_body(request)
     inp, ignored = validate_submit(body)
     if ignored:
@@ -177,7 +171,6 @@ def _get_or_404(st: AppState, job_id: str) -> Job:
 @router.get("/api/v2/predictions/{job_id}")
 def result(job_id: str, request: Request) -> dict[str, Any]:
     st = state_of(request)
-    st.auth.check(request)
     return success(_data(st, request, _get_or_404(st, job_id)))
 
 
@@ -187,7 +180,6 @@ def cancel(job_id: str, request: Request) -> dict[str, Any]:
     """Extension (WaveSpeed has none): queued jobs end at once; a running job is marked
     cancelled now and its worker stops at the next denoising step."""
     st = state_of(request)
-    st.auth.check(request)
     job, changed = st.store.cancel(job_id)
     if job is None:
         raise ApiError(404, f"Prediction {job_id} not found")
@@ -207,7 +199,6 @@ async def history(request: Request) -> dict[str, Any]:
     """Paged history (CLI, desktop app): body {page, page_size, status?, created_after?,
     created_before?, include_inputs?}; timestamps as RFC 3339 or unix seconds."""
     st = state_of(request)
-    st.auth.check(request)
     body = await _json_body(request, empty={})
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
@@ -232,7 +223,9 @@ async def history(request: Request) -> dict[str, Any]:
     base = st.base_url(request)
     items = []
     for j in jobs:
-        d = prediction_object(j, base, include_input=bool(body.get("include_inputs")))
+        d = prediction_object(
+            j, base, storage=st.storage, include_input=bool(body.get("include_inputs")), base64_outputs=False
+        )
         d["execution_time"] = d["executionTime"]
         items.append(d)
     return success({"page": page, "page_size": page_size, "total": total, "items": items})

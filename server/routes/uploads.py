@@ -8,6 +8,11 @@
 
 The content type is sniffed from the bytes; the client's claim is not trusted. The resulting
 `download_url` is on this server, and the worker reads it from storage directly.
+
+Two routers: `router` needs an API key; `signed` holds the ticket's `PUT`, which must not (its
+signed token is the authorisation). Tickets are signed with the uploads' own secret, kept in the
+store, so they stay valid across restarts and replicas of one store and are worth nothing
+anywhere else.
 """
 
 from __future__ import annotations
@@ -16,19 +21,22 @@ import base64
 import hashlib
 import hmac
 import json
+import secrets
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request, UploadFile
+from fastapi import APIRouter, Depends, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from server.app import AppState, state_of
+from server.auth import require_key
 from server.kernel.errors import ApiError, bad_request
 from server.kernel.media_types import media_filename, sniff
 from server.predictions import success
-from server.storage import LocalStorage
+from server.routes.body import read_capped
+from server.state import AppState, state_of
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(require_key)])
+signed = APIRouter()
 
 
 def _limit(st: AppState, kind: str) -> int:
@@ -63,8 +71,8 @@ def _check(st: AppState, data: bytes) -> tuple[str, str]:
 def _save(st: AppState, request: Request, data: bytes, filename: str) -> dict[str, Any]:
     kind, mime = _check(st, data)
     stored_name = media_filename(filename or "upload", mime)
-    key = st.storage.put_bytes(LocalStorage.new_key("uploads", stored_name), data)
-    url = LocalStorage.url(st.base_url(request), key)
+    key = st.storage.put_bytes(st.storage.new_key("uploads", stored_name), data)
+    url = st.storage.url(st.base_url(request), key)
     return {"type": kind, "content_type": mime, "filename": filename, "size": len(data), "download_url": url, "url": url}
 
 
@@ -73,7 +81,6 @@ def _save(st: AppState, request: Request, data: bytes, filename: str) -> dict[st
 @router.post("/api/v3/upload")
 async def upload_binary(request: Request, file: UploadFile | None = None) -> dict[str, Any]:
     st = state_of(request)
-    st.auth.check(request)
     if file is None:
         raise bad_request("send the file as multipart/form-data in a field named 'file'")
     # Read at most the video limit plus one byte: enough to refuse larger files without
@@ -89,11 +96,13 @@ async def upload_binary(request: Request, file: UploadFile | None = None) -> dic
 # A ticket is a signed token (no table needed): it names the storage key, expiry and size cap.
 # "Works once" holds because a PUT to a key that already exists is refused.
 
+_SECRET = "upload_ticket_secret"  # the store setting that holds the signing secret
+
 
 def _ticket_key(st: AppState) -> bytes:
-    from server.webhooks import webhook_secret
-
-    return hashlib.sha256(b"upload-ticket:" + webhook_secret(st.store).encode()).digest()
+    # Read first: the insert takes the store's write lock, and it is needed once per store.
+    secret = st.store.get_setting(_SECRET) or st.store.set_setting_if_absent(_SECRET, secrets.token_hex(32))
+    return hashlib.sha256(b"upload-ticket:" + secret.encode()).digest()
 
 
 def _b64(b: bytes) -> str:
@@ -130,7 +139,6 @@ def _verify(st: AppState, token: str) -> dict[str, Any]:
 @router.post("/api/v3/media/uploads")
 async def upload_ticket(request: Request) -> dict[str, Any]:
     st = state_of(request)
-    st.auth.check(request)
     raw = await request.body()
     try:
         body = json.loads(raw) if raw.strip() else {}
@@ -151,7 +159,7 @@ async def upload_ticket(request: Request) -> dict[str, Any]:
             raise _too_large(kind, _limit(st, kind))
         if size > cap:
             raise _too_large("media", cap)
-    key = LocalStorage.new_key("uploads", media_filename(filename, ctype))
+    key = st.storage.new_key("uploads", media_filename(filename, ctype))
     token = _sign(st, {"key": key, "exp": time.time() + st.settings.upload_ticket_seconds})
     base = st.base_url(request)
     headers = {"Content-Type": ctype} if ctype else {}
@@ -160,7 +168,7 @@ async def upload_ticket(request: Request) -> dict[str, Any]:
             "type": kind,
             "filename": filename,
             "size": size,
-            "download_url": LocalStorage.url(base, key),
+            "download_url": st.storage.url(base, key),
             "upload": {"method": "PUT", "url": f"{base}/api/v3/media/uploads/{token}", "headers": headers},
         }
     )
@@ -171,7 +179,7 @@ async def upload_ticket(request: Request) -> dict[str, Any]:
 _in_flight: set[str] = set()
 
 
-@router.put("/api/v3/media/uploads/{token}")
+@signed.put("/api/v3/media/uploads/{token}")
 async def upload_put(token: str, request: Request) -> dict[str, Any]:
     """No Authorization: the SDKs send only the ticket's headers; the signed token in the path
     is the authorisation. A ticket stores one file, once; a PUT refused for its content (type,
@@ -184,19 +192,10 @@ async def upload_put(token: str, request: Request) -> dict[str, Any]:
     _in_flight.add(key)
     try:
         cap = max(st.settings.max_video_bytes, st.settings.max_image_bytes)
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > cap:
-            raise _too_large("media", cap)
-        chunks, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > cap:
-                raise _too_large("media", cap)
-            chunks.append(chunk)
-        data = b"".join(chunks)
+        data = await read_capped(request, cap, _too_large("media", cap))
         kind, mime = await run_in_threadpool(_check, st, data)
         await run_in_threadpool(st.storage.put_bytes, key, data)
     finally:
         _in_flight.discard(key)
-    url = LocalStorage.url(st.base_url(request), key)
+    url = st.storage.url(st.base_url(request), key)
     return success({"type": kind, "content_type": mime, "size": len(data), "download_url": url, "url": url})

@@ -2,11 +2,13 @@
 and the webhook outbox. It is also the queue: a job answered with an id is a committed row, so
 no crash can lose it.
 
-`JobStore` is the interface; `SqliteJobStore` is the embedded implementation. A PostgreSQL store
-(scale-out issue) implements the same methods with `FOR UPDATE SKIP LOCKED` claims. Every state
-change goes through `server.kernel.jobstate.next_state` and is written as a compare-and-set on the
-current status (and lease owner), so concurrent API replicas and workers cannot race a job into
-an illegal state.
+`JobStore` is the interface. `server.store.base.TransactionalJobStore` implements its rules once,
+above a few backend primitives; `SqliteJobStore` (server/store/sqlite.py) is the embedded backend,
+and a PostgreSQL store (scale-out issue) supplies the same primitives with `FOR UPDATE SKIP
+LOCKED` claims. Every state change goes through `server.kernel.jobstate.next_state` and is written
+as a compare-and-set on the current status (and lease owner), so concurrent API replicas and
+workers cannot race a job into an illegal state. tests/test_store_contract.py is the suite every
+backend passes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.kernel.jobstate import RenewResult, State, WorkerState
+
+__all__ = [
+    "IdempotencyConflict",
+    "Job",
+    "JobStore",
+    "NewJob",
+    "QueueFull",
+    "RenewResult",
+    "WebhookDelivery",
+    "WorkerInfo",
+    "WorkerState",
+    "open_store",
+]
 
 
 @dataclass
@@ -81,12 +96,17 @@ class WorkerInfo:
 
 @dataclass
 class WebhookDelivery:
+    """One due outbox row. The event is `<job_id>-<status>`; its body is built from the job row
+    when it is delivered, except on rows written before schema version 3, which carry the body
+    they were first signed with."""
+
     event_id: str
     job_id: str
     url: str
-    body: str
+    status: str  # the terminal status the event announces
     attempts: int
     next_attempt_at: float
+    body: str | None = None
 
 
 class JobStore(ABC):

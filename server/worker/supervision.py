@@ -1,4 +1,4 @@
-"""Starts the local worker processes and keeps them alive.
+"""Starts the local worker processes (in the API process) and keeps them alive.
 
 Workers are spawned, never forked (a forked child would inherit the API's threads and sockets,
 and CUDA cannot be initialised in a fork). A worker that dies is restarted; its job is handed
@@ -20,7 +20,8 @@ from typing import Any
 from server.settings import Settings
 from server.store import JobStore, WorkerInfo
 from server.kernel.ids import new_worker_id
-from server.worker import EXIT_LOAD_FAILED, worker_main
+from server.kernel.runner import RunnerFactory
+from server.worker.loop import EXIT_LOAD_FAILED, worker_main
 
 log = logging.getLogger("wan_vace.supervisor")
 
@@ -49,9 +50,12 @@ class _Slot:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, store: JobStore):
+    def __init__(self, settings: Settings, store: JobStore, runner_factory: RunnerFactory | None = None):
         self.s = settings
         self.store = store
+        # None: the workers build the real pipeline. A factory must be importable by name (the
+        # spawned process unpickles it by reference); the tests pass failure-named fakes.
+        self.runner_factory = runner_factory
         self.host = socket.gethostname()
         self.slots = [_Slot() for _ in range(max(0, settings.workers))]
         self.failed_reason = ""
@@ -84,7 +88,7 @@ class Supervisor:
         slot.worker_id = new_worker_id()
         slot.proc = self._ctx.Process(
             target=worker_main,
-            args=(self.s.model_dump_json(), slot.worker_id, os.getpid()),
+            args=(self.s.model_dump_json(), slot.worker_id, os.getpid(), self.runner_factory),
             name=f"wan-vace-worker-{slot.worker_id}",
             daemon=True,
         )

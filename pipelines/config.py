@@ -1,0 +1,21 @@
+"""What a pipeline needs to know from the server's settings, as its own small dataclass: the
+worker builds it from `Settings` (`server/worker/`), so `pipelines/` never imports the server's
+settings object, and a speed feature adds one field here rather than one more argument to every
+loading function."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    model: str  # a weights.toml name
+    weights_root: Path  # where the fetch step put the weights
+    device: str = "auto"  # auto = cuda when available, else cpu
+    # The random-weight model renders each side divided by this (rounded to 16); None =
+    # weights.toml's `render_downscale` for the model.
+    tiny_downscale: int | None = None
+    encode_preset: str = "fast"  # x264 preset for outputs
+    cpu_threads: int | None = None  # torch CPU threads (None: torch's default)

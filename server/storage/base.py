@@ -1,0 +1,95 @@
+"""The storage contract every backend keeps, and the key rules they share.
+
+A key is a relative, `/`-separated name such as `outputs/<job>/<token>/output.mp4`. The rules
+are checked here, once, so a key valid on one backend is valid on all: non-empty components,
+none of them `.` or `..`, no leading `/`, no NUL byte or backslash, at most 255 UTF-8 bytes a
+component and 1024 in all (S3's limit; local file systems allow about as much). A key that breaks
+them names nothing: `InvalidKey`, a `KeyError` like "not stored", so a reader answers 404 without
+telling the two apart.
+
+Serving: `local_path(key)` hands the route a file, and `FileResponse` answers Range requests
+(video players seek with them) itself. An object store has no such file; it will answer `url()`
+with its own (presigned) address instead, so `/media/` is never asked for its keys.
+"""
+
+from __future__ import annotations
+
+import secrets
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+MEDIA_PREFIX = "/media/"
+_MAX_COMPONENT_BYTES = 255
+_MAX_KEY_BYTES = 1024
+
+
+class InvalidKey(KeyError):
+    """A key that can name no stored object (it would leave the root, or no backend can hold it)."""
+
+
+def check_key(key: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise InvalidKey(key)
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:  # lone surrogates: what undecodable bytes in a URL path become
+        raise InvalidKey(key) from None
+    if size > _MAX_KEY_BYTES or "\0" in key or "\\" in key:
+        raise InvalidKey(key)
+    for part in key.split("/"):
+        if part in ("", ".", "..") or len(part.encode("utf-8")) > _MAX_COMPONENT_BYTES:
+            raise InvalidKey(key)
+    return key
+
+
+def media_url(base_url: str, key: str) -> str:
+    """The URL of a key on this server's `/media/` route."""
+    return base_url.rstrip("/") + MEDIA_PREFIX + key
+
+
+class Storage(ABC):
+    """Where outputs, uploads and inline inputs live. Writes are atomic: a reader sees a whole
+    object under its key or nothing, never a part."""
+
+    def new_key(self, prefix: str, filename: str) -> str:
+        """A fresh key `prefix/<token>/<filename>`; the random token makes it unguessable, which
+        is what lets media URLs go without an API key."""
+        safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in filename)[-100:]
+        while len(safe.encode("utf-8")) > 200:  # non-ASCII letters take up to 4 bytes each
+            safe = safe[1:]
+        if safe in ("", ".", ".."):
+            safe = "file"
+        return f"{prefix}/{secrets.token_hex(16)}/{safe}"
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> str:
+        """Store `data` under `key` (replacing what was there); returns the key."""
+
+    @abstractmethod
+    def put_file(self, key: str, src: str | Path) -> str:
+        """Store a copy of the file `src` under `key`; returns the key."""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes:
+        """The stored bytes; KeyError when the key names no stored object."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored under `key` (False for keys that are not valid)."""
+
+    @abstractmethod
+    def local_path(self, key: str) -> Path:
+        """The file holding the object, for the `/media/` route to serve with ranged reads;
+        KeyError when the key names no stored object."""
+
+    def url(self, base_url: str, key: str) -> str:
+        """The URL clients fetch the object at."""
+        return media_url(base_url, key)
+
+    def key_from_url(self, url: str, base_urls: list[str]) -> str | None:
+        """The key of one of our own media URLs (on any of `base_urls`), else None."""
+        for base in base_urls:
+            prefix = base.rstrip("/") + MEDIA_PREFIX
+            if base and url.startswith(prefix):
+                return url[len(prefix) :].split("?", 1)[0]
+        return None

@@ -1,0 +1,16 @@
+"""Workers: the processes that run jobs, talking to the API only through the store.
+
+- `loop`: a worker's life: load the runner once, claim jobs with a lease, heartbeat, stop;
+- `job`: one job: fetch its media, run it, store the outputs, record the outcome;
+- `fetching`: media inputs by URL, or from our own storage for our own URLs;
+- `supervision`: the API process's side: spawn local workers, restart the dead, hand their
+  jobs back, expire leases.
+
+A worker receives a runner factory (`server.kernel.runner.RunnerFactory`): the default builds
+the real pipeline (`default_runner_factory`, which imports `pipelines` in the worker process
+only); the tests pass failure-named fakes.
+"""
+
+from server.worker.loop import EXIT_LOAD_FAILED, Worker, default_runner_factory, install_sigterm, worker_main
+
+__all__ = ["EXIT_LOAD_FAILED", "Worker", "default_runner_factory", "install_sigterm", "worker_main"]

@@ -1,0 +1,285 @@
+"""The JobStore contract: what every backend must do, run against each of them.
+
+`store` is parametrized by BACKENDS, a name and a factory of an empty store in a scratch
+directory. A PostgreSQL backend joins the suite with one entry there (its factory skipping when no
+test database is configured). Backend-specific checks (SQLite's WAL mode, its migrations) live in
+tests/test_store.py and tests/test_store_migrations.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from server.kernel.jobstate import State
+from server.store import IdempotencyConflict, JobStore, NewJob, QueueFull, RenewResult, WorkerInfo
+from server.store.sqlite import SqliteJobStore
+
+BACKENDS: dict[str, Callable[[Path], JobStore]] = {
+    "sqlite": lambda tmp_path: SqliteJobStore(tmp_path / "jobs.sqlite3"),
+}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def store(request, tmp_path) -> JobStore:
+    return BACKENDS[request.param](tmp_path)
+
+
+def new(i: str, **kw) -> NewJob:
+    return NewJob(id=i, model="m", input={"prompt": i}, base_url="http://h", max_attempts=2, **kw)
+
+
+def test_fifo_claim_and_complete(store):
+    store.create(new("a"))
+    time.sleep(0.01)
+    store.create(new("b"))
+    j = store.claim("w1", 30)
+    assert j.id == "a" and j.status is State.PROCESSING and j.attempts == 1 and j.lease_owner == "w1"
+    assert store.renew("a", "w1", 30, progress=0.5) == RenewResult.OK
+    assert store.get("a").progress == 0.5
+    assert store.complete("a", "w1", outputs=["k"], has_nsfw=[False], inference_ms=5, seed=3, extra={})
+    a = store.get("a")
+    assert a.status is State.COMPLETED and a.outputs == ["k"] and a.lease_owner is None and a.seed == 3
+    assert store.claim("w1", 30).id == "b"
+    assert store.claim("w1", 30) is None
+
+
+def test_complete_requires_the_lease(store):
+    store.create(new("a"))
+    store.claim("w1", 30)
+    assert not store.complete("a", "w2", outputs=[], has_nsfw=[], inference_ms=0, seed=None, extra={})
+    assert store.renew("a", "w2", 30) == RenewResult.LOST
+    assert store.get("a").status is State.PROCESSING
+
+
+def test_concurrent_claims_never_share_a_job(store):
+    for i in range(30):
+        store.create(new(f"j{i:02d}"))
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def worker(wid):
+        while (j := store.claim(wid, 30)) is not None:
+            with lock:
+                got.append(j.id)
+
+    threads = [threading.Thread(target=worker, args=(f"w{k}",)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == [f"j{i:02d}" for i in range(30)]
+
+
+def test_expired_lease_requeues_then_fails(store):
+    store.create(new("a"))
+    store.claim("w1", 0.01)
+    time.sleep(0.02)
+    assert store.expire_leases() == ["a"]
+    a = store.get("a")
+    assert a.status is State.CREATED and a.code == 0 and "queued again" in a.error
+    store.claim("w2", 0.01)
+    time.sleep(0.02)
+    assert store.expire_leases() == ["a"]
+    a = store.get("a")
+    assert a.status is State.FAILED and a.code == 5000
+    assert "attempt 2 of 2" in a.error
+
+
+def test_lost_lease_messages_in_full(store):
+    store.create(new("a"))
+    store.claim("w1", 300)
+    assert store.expire_leases(now=time.time() + 1) == []  # a live lease is not touched
+    assert store.release_worker("w1", "The worker process exited unexpectedly") == ["a"]
+    a = store.get("a")
+    assert a.error == "The worker process exited unexpectedly; the job was queued again."
+    assert a.lease_owner is None and a.lease_expires is None and a.finished_at is None
+    store.claim("w2", 0.01)
+    assert store.expire_leases(now=time.time() + 1) == ["a"]
+    a = store.get("a")
+    assert a.error == (
+        "The worker stopped renewing its lease while running this job (attempt 2 of 2);"
+        " it was not retried again."
+    )
+    assert a.lease_owner is None and a.finished_at is not None
+
+
+def test_release_worker(store):
+    store.create(new("a"))
+    store.claim("w1", 300)
+    assert store.release_worker("w1", "The worker process exited unexpectedly") == ["a"]
+    assert store.get("a").status is State.CREATED
+    assert store.release_worker("w1", "again") == []
+
+
+def test_cancel(store):
+    store.create(new("a"))
+    job, changed = store.cancel("a")
+    assert changed and job.status is State.CANCELLED
+    job, changed = store.cancel("a")
+    assert not changed and job.status is State.CANCELLED
+    store.create(new("b"))
+    store.claim("w1", 30)
+    assert store.cancel("b")[1]
+    assert store.renew("b", "w1", 30) == RenewResult.CANCELLED
+    assert not store.complete("b", "w1", outputs=[], has_nsfw=[], inference_ms=0, seed=None, extra={})
+    assert store.cancel("missing") == (None, False)
+
+
+def test_cancel_clears_the_lease_and_sets_finished_at(store):
+    store.create(new("a"))
+    store.claim("w1", 30)
+    job, _ = store.cancel("a")
+    assert job.error == "Cancelled by request." and job.code == 0
+    assert job.lease_owner is None and job.lease_expires is None and job.finished_at is not None
+
+
+def test_retryable_failure(store):
+    store.create(new("a"))
+    store.claim("w1", 30)
+    assert store.fail("a", "w1", code=1402, error="media timed out", retryable=True, retry_delay=0.2) is State.CREATED
+    assert store.claim("w1", 30) is None  # waits out the retry delay
+    time.sleep(0.25)
+    assert store.claim("w1", 30).attempts == 2
+    assert store.fail("a", "w1", code=1402, error="media timed out", retryable=True) is State.FAILED
+    assert store.get("a").code == 1402
+
+
+def test_fail_only_by_the_lease_holder_and_keeps_the_seed(store):
+    store.create(new("a"))
+    store.claim("w1", 30)
+    assert store.fail("a", "w2", code=1401, error="bad") is None
+    assert store.fail("a", "w1", code=1401, error="bad", seed=7) is State.FAILED
+    a = store.get("a")
+    assert a.seed == 7 and a.error == "bad" and a.finished_at is not None
+    assert store.fail("a", "w1", code=1401, error="again") is None  # terminal is final
+    store.create(new("b"))
+    assert store.fail("b", None, code=1400, error="expired in the queue") is State.FAILED
+    assert store.fail("missing", None, code=1400, error="x") is None
+
+
+def test_queue_cap(store):
+    store.create(new("a"), max_queue=2)
+    store.create(new("b"), max_queue=2)
+    with pytest.raises(QueueFull):
+        store.create(new("c"), max_queue=2)
+    store.claim("w", 30)  # running jobs do not count against the queue
+    store.create(new("c"), max_queue=2)
+
+
+def test_queue_depth_position_and_counts(store):
+    for i in "abc":
+        store.create(new(i))
+        time.sleep(0.002)
+    assert store.queue_depth() == 3
+    assert [store.queue_position(store.get(i)) for i in "abc"] == [0, 1, 2]
+    store.claim("w", 30)
+    assert store.queue_depth() == 2 and store.queue_position(store.get("c")) == 1
+    assert store.count_by_status() == {"created": 2, "processing": 1}
+
+
+def test_renewed_progress_never_goes_back(store):
+    store.create(new("a"))
+    store.claim("w1", 30)
+    assert store.renew("a", "w1", 30, progress=0.6) == RenewResult.OK
+    assert store.renew("a", "w1", 30, progress=0.2) == RenewResult.OK
+    assert store.renew("a", "w1", 30) == RenewResult.OK
+    assert store.get("a").progress == 0.6
+    assert store.renew("missing", "w1", 30) == RenewResult.LOST
+
+
+def test_idempotency(store):
+    j1, c1 = store.create(new("a", idempotency_key="k", request_hash="h1"))
+    j2, c2 = store.create(new("b", idempotency_key="k", request_hash="h1"))
+    assert c1 and not c2 and j2.id == "a"
+    with pytest.raises(IdempotencyConflict):
+        store.create(new("c", idempotency_key="k", request_hash="h2"))
+
+
+def test_terminal_events_fill_the_outbox_once(store):
+    store.create(new("a", webhook_url="http://hook"))
+    store.claim("w1", 30)
+    store.fail("a", "w1", code=1401, error="bad")
+    due = store.due_webhooks(time.time() + 1)
+    assert [d.event_id for d in due] == ["a-failed"]
+    # The event only: the dispatcher builds the body from the job when it delivers.
+    assert (due[0].job_id, due[0].url, due[0].status, due[0].body) == ("a", "http://hook", "failed", None)
+    assert store.due_webhooks(time.time() + 1) == []  # claimed by the first call
+    store.webhook_attempted("a-failed", delivered=False, error="500", next_attempt_at=time.time())
+    assert [d.attempts for d in store.due_webhooks(time.time() + 1)] == [1]
+    store.webhook_attempted("a-failed", delivered=True, error="", next_attempt_at=None)
+    assert store.due_webhooks(time.time() + 1000) == []
+
+
+def test_only_completed_and_failed_jobs_with_a_url_have_events(store):
+    store.create(new("done", webhook_url="http://hook"))
+    store.claim("w", 30)
+    store.complete("done", "w", outputs=["k"], has_nsfw=[False], inference_ms=1, seed=None, extra={})
+    store.create(new("retried", webhook_url="http://hook"))
+    store.claim("w", 30)
+    store.fail("retried", "w", code=1402, error="timeout", retryable=True)  # re-queued: no event
+    store.create(new("cancelled", webhook_url="http://hook"))
+    store.cancel("cancelled")
+    store.create(new("quiet"))
+    store.claim("w", 30)
+    store.complete("quiet", "w", outputs=[], has_nsfw=[], inference_ms=1, seed=None, extra={})
+    due = store.due_webhooks(time.time() + 1)
+    assert [(d.event_id, d.status) for d in due] == [("done-completed", "completed")]
+
+
+def test_the_event_is_written_with_its_transition_or_not_at_all(store, monkeypatch):
+    store.create(new("a", webhook_url="http://hook"))
+    store.claim("w1", 30)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "_insert_outbox_if_absent", broken)
+    with pytest.raises(OSError):
+        store.fail("a", "w1", code=1401, error="bad")
+    assert store.get("a").status is State.PROCESSING  # rolled back with the event
+    monkeypatch.undo()
+    assert store.fail("a", "w1", code=1401, error="bad") is State.FAILED
+    assert [d.event_id for d in store.due_webhooks(time.time() + 1)] == ["a-failed"]
+
+
+def test_webhook_gives_up(store):
+    store.create(new("a", webhook_url="http://hook"))
+    store.claim("w1", 30)
+    store.fail("a", "w1", code=1401, error="bad")
+    assert len(store.due_webhooks(time.time() + 1)) == 1
+    store.webhook_attempted("a-failed", delivered=False, error="invalid URL", next_attempt_at=None)
+    assert store.due_webhooks(time.time() + 1000) == []
+
+
+def test_history(store):
+    for i in range(5):
+        store.create(new(f"j{i}"))
+        time.sleep(0.002)
+    store.cancel("j0")
+    jobs, total = store.history(page=1, page_size=2)
+    assert total == 5 and [j.id for j in jobs] == ["j4", "j3"]
+    jobs, total = store.history(page=1, page_size=10, status="cancelled")
+    assert total == 1 and jobs[0].id == "j0"
+
+
+def test_workers(store):
+    w = WorkerInfo(id="w1", host="h", pid=1, model="m", state="loading", started_at=1.0, heartbeat_at=2.0)
+    store.upsert_worker(w)
+    w.state, w.reason, w.info, w.heartbeat_at = "failed", "no weights", {"gpu": "x"}, 3.0
+    store.upsert_worker(w)
+    [got] = store.workers()
+    assert (got.id, got.state, got.reason, got.info, got.heartbeat_at, got.started_at) == (
+        "w1", "failed", "no weights", {"gpu": "x"}, 3.0, 1.0
+    )
+
+
+def test_settings(store):
+    assert store.get_setting("k") is None
+    assert store.set_setting_if_absent("k", "first") == "first"
+    assert store.set_setting_if_absent("k", "second") == "first"
+    assert store.get_setting("k") == "first"
