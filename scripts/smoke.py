@@ -17,6 +17,8 @@ import av
 import httpx
 from wavespeed import Client
 
+from server.kernel.request import FPS, num_frames_for, parse_size
+
 MODEL = "wavespeed-ai/wan-2.1-14b-vace"
 
 
@@ -48,8 +50,8 @@ def main() -> int:
         s = c.streams.video[0]
         frames = sum(1 for _ in c.decode(s))
         fps, w, h = s.average_rate, s.codec_context.width, s.codec_context.height
-    want_w, want_h = (int(v) for v in a.size.split("*"))
-    ok = frames == 16 * a.duration + 1 and fps == 16 and (w, h) == (want_w, want_h)
+    want_w, want_h = parse_size(a.size)
+    ok = frames == num_frames_for(a.duration) and fps == FPS and (w, h) == (want_w, want_h)
     print(f"{'OK' if ok else 'MISMATCH'}: {url}\n  {frames} frames at {fps} fps, {w}x{h}, "
           f"{len(data) / 1e6:.2f} MB, {wall:.1f} s from submit to result")
     return 0 if ok else 1

@@ -221,7 +221,7 @@ def test_routes_import_state_not_the_app_and_set_auth_once_per_router():
     from server.auth import require_key
     from server.routes import health, media, platform, predictions, uploads
 
-    for f in (Path(__file__).parents[1] / "server" / "routes").glob("*.py"):
+    for f in (Path(__file__).parents[2] / "server" / "routes").glob("*.py"):
         text = f.read_text()
         # An escaped pattern, so that a grep for the call finds only server/auth.py.
         assert "server.app" not in text and not re.search(r"auth\.check", text), f.name

@@ -298,7 +298,7 @@ def test_bodies_are_built_when_delivered_and_old_rows_keep_theirs(tmp_path, rece
     row left undelivered by a release that stored bodies is delivered with the stored bytes, and
     a row whose job is gone is given up instead of posting something made up."""
     from server.webhooks import webhook_payload_builder
-    from tests.test_store_migrations import DDL_UNVERSIONED
+    from tests.unit.test_store_migrations import DDL_UNVERSIONED
 
     legacy_id, new_id = "c" * 32, "d" * 32
     legacy_body = '{"id":"' + legacy_id + '","status":"failed","note":"stored by the old release"}'

@@ -18,7 +18,7 @@ from server.kernel.jobstate import State
 from server.store import Job, NewJob, migrations
 from server.store.sqlite import SqliteJobStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 # server/store/sqlite.py at 8d9fe02, the first release (schema version 1).
 DDL_8D9FE02 = """

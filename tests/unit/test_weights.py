@@ -35,7 +35,7 @@ from pipelines.weights import (
     load_catalog,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the repository
 SCRIPT = REPO / "scripts" / "fetch_weights.py"
 REAL = ("wan2.1-vace-14b", "wan2.1-vace-1.3b")
 LAYOUT = {"model_index.json", "scheduler/", "text_encoder/", "tokenizer/", "transformer/", "vae/"}
