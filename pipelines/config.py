@@ -19,3 +19,12 @@ class PipelineConfig:
     tiny_downscale: int | None = None
     encode_preset: str = "fast"  # x264 preset for outputs
     cpu_threads: int | None = None  # torch CPU threads (None: torch's default)
+    # GPU memory between the preprocessors and the pipeline: "resident" keeps a built
+    # preprocessor on the GPU (fastest, when both fit: the 14B model takes ~47 GB), "offload"
+    # moves it to CPU memory after each use and back on the next.
+    preprocessor_memory: str = "resident"
+    # The NSFW checker: "auto" runs it when its weights are in place (the tiny model uses a
+    # random tiny one that never flags), "off" never. With "flag" a flagged output is delivered
+    # with has_nsfw_contents [true] (as WaveSpeed); "withhold" fails the job instead.
+    safety_checker: str = "auto"
+    nsfw_policy: str = "flag"

@@ -4,7 +4,8 @@
 2. build the conditioning: video, mask, reference images (`pipelines.conditioning`)
 3. set the per-job scheduler (UniPC flow, the request's `flow_shift`), seed and negative prompt
 4. denoise, reporting progress and honouring cancellation from the step callback
-5. scale up (tiny model only) and encode the MP4; optionally the conditioning too
+5. the NSFW safety checker on sampled output frames (`pipelines.safety`)
+6. scale up (tiny model only) and encode the MP4; optionally the conditioning too
 
 The worker (server/worker/) owns everything around it: leases, fetching, storage, the store.
 """
@@ -25,11 +26,15 @@ from PIL import Image
 
 from pipelines.config import PipelineConfig
 from preprocessors.registry import PreprocessorContext, PreprocessorSet
-from server.kernel.errors import NotSupportedYet
+from server.kernel.errors import NotSupportedYet, TaskError
 from server.kernel.request import FPS, MEDIA_FIELDS, VaceRequest
 from server.kernel.runner import Media, ProgressFn, RunResult
 
 log = logging.getLogger("wan_vace.runner")
+
+
+class ContentWithheld(TaskError):
+    """The safety checker flagged the output and the policy is to withhold it (code 1405)."""
 
 # The official Wan negative prompt (Wan2.1 `wan/configs/shared_config.py`, `sample_neg_prompt`),
 # used when the request gives none, as the official and VACE inference code do (vace.md §1).
@@ -51,6 +56,11 @@ class VaceRunner:
         downscale: int = 1,
         encode_preset: str = "fast",
         preprocessors: PreprocessorSet | None = None,
+        safety: Any = None,
+        safety_note: str = "off",
+        nsfw_policy: str = "flag",
+        preprocessor_memory: str = "resident",
+        tasks: dict[str, str] | None = None,
     ):
         self.pipe = pipe
         self.encode_preset = encode_preset
@@ -62,13 +72,25 @@ class VaceRunner:
         self.preprocessors = preprocessors or PreprocessorSet(
             PreprocessorContext(device=device, tiny=kind == "random")
         )
+        self.preprocessor_memory = preprocessor_memory
+        # The NSFW checker (pipelines/safety.py) or None, what /health says about it, and what a
+        # flagged output does ("flag" or "withhold").
+        self.safety = safety
+        self.safety_note = safety_note
+        self.nsfw_policy = nsfw_policy
+        self.tasks = tasks or {}
 
     def close(self) -> None:
         self.preprocessors.close()
 
     @property
     def info(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"kind": self.kind, "device": self.device}
+        info: dict[str, Any] = {
+            "kind": self.kind,
+            "device": self.device,
+            "tasks": self.tasks,
+            "safety_checker": self.safety_note,
+        }
         if self.downscale > 1:
             info["render"] = (
                 f"random-weight tiny model: renders each side at 1/{self.downscale} (rounded to 16 px) "
@@ -112,11 +134,20 @@ class VaceRunner:
             if media.get(m.name)
         }
 
-        # 2. Conditioning. The task applies to `video` only (contract §6).
+        # 2. Conditioning. The task applies to `video` (contract §6); `face` works on the
+        # reference images instead: each is replaced by the crop of its main face (VACE's face
+        # annotator), the whole image when none is found.
+        notes: dict[str, Any] = {}
+        if req.task == "face" and decoded.get("images"):
+            face = self.preprocessors.get("face")
+            decoded["images"], found = face.crop_references(decoded["images"])
+            notes["face"] = {"detector": getattr(face, "info", ""), "cropped": found}
         cond = build_conditioning(
             req.task, MediaInputs(**decoded), width=rw, height=rh, num_frames=num_frames,
             preprocessors=self.preprocessors.get,
         )  # fmt: skip
+        if self.preprocessor_memory == "offload":
+            self.preprocessors.park()  # the pipeline gets the GPU memory back
 
         # 3. Per-job sampling settings.
         seed = req.seed if req.seed >= 0 else random.randrange(2**31)
@@ -147,7 +178,16 @@ class VaceRunner:
         inference_ms = int((time.monotonic() - t0) * 1000)
         frames = to_uint8(out.frames[0])
 
-        # 5. Encode at the requested size.
+        # 5. The safety checker, on the frames as rendered (before any scaling up).
+        checked = bool(req.enable_safety_checker and self.safety is not None)
+        flagged = bool(checked and self.safety.check(frames))
+        if flagged and self.nsfw_policy == "withhold":
+            raise ContentWithheld(
+                "The output was flagged by the safety checker and withheld (this server's "
+                "policy); has_nsfw_contents would be [true]. Change the prompt or inputs."
+            )
+
+        # 6. Encode at the requested size.
         if (rw, rh) != (width, height):
             frames = upscale(frames, width, height)
         from pipelines.media import encode_mp4
@@ -156,8 +196,9 @@ class VaceRunner:
         encode_mp4(frames, str(video_path), fps=FPS, preset=self.encode_preset)
         progress(1.0)
         result = RunResult(
-            video_path=video_path, seed=seed, inference_ms=inference_ms, render_size=(rw, rh)
-        )
+            video_path=video_path, seed=seed, inference_ms=inference_ms, render_size=(rw, rh),
+            has_nsfw=flagged, safety_checked=checked, notes=notes,
+        )  # fmt: skip
         if req.return_conditioning:
             result.conditioning = save_conditioning(cond, workdir, encode_mp4)
         return result
@@ -231,11 +272,12 @@ def load_runner(config: PipelineConfig) -> VaceRunner:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe, info = load_pipeline(config.model, weights_root=config.weights_root, device=device)
     pipe.set_progress_bar_config(disable=True)
-    from pipelines.weights import weights_resolver
+    from pipelines.weights import task_readiness, weights_resolver
 
-    context = PreprocessorContext(
-        device=device, weights=weights_resolver(config.weights_root), tiny=info.kind == "random"
-    )
+    tiny = info.kind == "random"
+    resolve = weights_resolver(config.weights_root)
+    context = PreprocessorContext(device=device, weights=resolve, tiny=tiny)
+    safety, safety_note = _safety_checker(config, device, tiny, resolve)
     return VaceRunner(
         pipe,
         name=config.model,
@@ -244,4 +286,26 @@ def load_runner(config: PipelineConfig) -> VaceRunner:
         downscale=info.render_downscale if config.tiny_downscale is None else config.tiny_downscale,
         encode_preset=config.encode_preset,
         preprocessors=PreprocessorSet(context),
+        safety=safety,
+        safety_note=safety_note,
+        nsfw_policy=config.nsfw_policy,
+        preprocessor_memory=config.preprocessor_memory,
+        tasks=task_readiness(config.weights_root, tiny=tiny),
     )
+
+
+def _safety_checker(config: PipelineConfig, device: str, tiny: bool, resolve: Any) -> tuple[Any, str]:
+    """(checker or None, what /health says). Missing weights are not a start-up failure: jobs
+    then run with `safety_checked: false`, and /health says why (decided in the README)."""
+    if config.safety_checker == "off":
+        return None, "off (WAN_VACE_SAFETY_CHECKER=off): outputs carry safety_checked=false"
+    from pipelines import safety
+
+    if tiny:
+        return safety.build_tiny_safety_checker(flag=False), "tiny random checker (never flags)"
+    try:
+        folder = resolve("safety-checker")
+    except Exception as e:
+        log.warning("safety checker unavailable: %s", e)
+        return None, f"unavailable: {e}; outputs carry safety_checked=false"
+    return safety.load_safety_checker(folder, device), "stable-diffusion-safety-checker"

@@ -29,6 +29,10 @@ DEFAULT_CATALOG = REPO_ROOT / "weights.toml"
 
 KIND_DIFFUSERS = "diffusers"
 KIND_RANDOM = "random"
+# [preprocessors.*] entries: files of a Hub repository ("files"), or files the user places
+# (and licenses) themselves ("manual"; the fetch step prints where they go).
+KIND_FILES = "files"
+KIND_MANUAL = "manual"
 DTYPES = ("bfloat16", "float16", "float32")
 # What a diffusers-format WanVACEPipeline folder holds; used for folders given by path.
 DIFFUSERS_VACE_LAYOUT = (
@@ -82,6 +86,11 @@ class ModelEntry:
     dtypes: Mapping[str, str] = field(default_factory=dict)
     approx_size_gb: float | None = None
     render_downscale: int = 1
+    # Preprocessor entries: the tasks that use it, and the sub-folder of `folder` the
+    # preprocessor reads its files from (the files keep their repository paths).
+    tasks: tuple[str, ...] = ()
+    subfolder: str | None = None
+    how_to_get: str = ""  # "manual" entries: where the user obtains the files
 
     @property
     def needs_files(self) -> bool:
@@ -314,16 +323,130 @@ def not_available_error(
     )
 
 
+_FILES_KEYS = _COMMON_KEYS | {
+    "repo_id", "revision", "license", "folder", "subfolder", "files", "tasks", "approx_size_gb",
+}  # fmt: skip
+_MANUAL_KEYS = _COMMON_KEYS | {"license", "folder", "subfolder", "files", "tasks", "how_to_get"}
+
+
+def load_preprocessor_catalog(path: str | os.PathLike[str] | None = None) -> dict[str, ModelEntry]:
+    """The `[preprocessors.*]` tables of weights.toml: the weights behind the `task`s and the
+    safety checker, fetched by the same script as the models (`--with-preprocessors`)."""
+    path = Path(path) if path is not None else DEFAULT_CATALOG
+    load_catalog(path)  # the same file-level checks
+    with open(path, "rb") as f:
+        tables = tomllib.load(f).get("preprocessors", {})
+    out = {}
+    for name, t in tables.items():
+        where = f"{path}: [preprocessors.{name!r}]"
+        if not isinstance(t, dict) or t.get("kind") not in (KIND_FILES, KIND_MANUAL):
+            raise CatalogError(f"{where}: kind must be {KIND_FILES!r} or {KIND_MANUAL!r}")
+        manual = t["kind"] == KIND_MANUAL
+        _no_unknown(t, _MANUAL_KEYS if manual else _FILES_KEYS, where)
+        needed = ("license", "folder") if manual else ("repo_id", "revision", "license", "folder")
+        for key in needed:
+            if not isinstance(t.get(key), str) or not t[key]:
+                raise CatalogError(f"{where}: {key} is required (a non-empty string)")
+        folder = Path(t["folder"])
+        if folder.is_absolute() or ".." in folder.parts:
+            raise CatalogError(f"{where}: folder must be relative to the weights root, without '..'")
+        files = _str_list(t, "files", where)
+        out[name] = ModelEntry(
+            name=name,
+            kind=t["kind"],
+            description=str(t.get("description", "")),
+            repo_id=t.get("repo_id"),
+            revision=t.get("revision"),
+            license=t["license"],
+            folder=t["folder"],
+            required=tuple(files),
+            allow_patterns=tuple(files),
+            approx_size_gb=t.get("approx_size_gb"),
+            tasks=tuple(_str_list(t, "tasks", where)),
+            subfolder=t.get("subfolder"),
+            how_to_get=str(t.get("how_to_get", "")),
+        )
+    return out
+
+
+def check_files(entry: ModelEntry, weights_root: str | os.PathLike[str]) -> list[str]:
+    """The missing pieces of a preprocessor entry's folder ([] = usable). A fetched ("files")
+    entry also needs the manifest the fetch writes after verifying every file; a "manual" one
+    only its files, since the user placed them."""
+    folder = entry.local_dir(weights_root)
+    if entry.kind == KIND_MANUAL:
+        return missing_layout(folder, entry.required)
+    return check_folder(folder, entry.required, require_manifest=True, revision=entry.revision)
+
+
 def weights_resolver(weights_root: str | os.PathLike[str]):
-    """`name -> local folder` for the preprocessors' context: the folder of a `weights.toml`
-    entry, checked complete, else `ModelNotAvailable` naming the fetch command. Only local
-    folders: nothing here downloads."""
+    """`name -> local folder` for the preprocessors' context: the folder (and sub-folder) of a
+    `[preprocessors.*]` entry, checked complete, else `ModelNotAvailable` naming the folder and
+    the fetch command. Only local folders: nothing here downloads."""
+    catalog = load_preprocessor_catalog()
 
     def resolve(name: str) -> Path:
-        entry = get_entry(name, load_catalog())
-        missing = check_complete(entry, weights_root)
+        entry = catalog.get(name)
+        if entry is None:
+            raise UnknownModel(f"no weights entry {name!r} in weights.toml", name=name)
+        missing = check_files(entry, weights_root)
         if missing:
+            if entry.kind == KIND_MANUAL:
+                folder = entry.local_dir(weights_root)
+                raise ModelNotAvailable(
+                    f"weights {name!r} are not in {folder}: missing {'; '.join(missing)}. "
+                    f"{entry.how_to_get}",
+                    name=name,
+                    missing=missing,
+                )
             raise not_available_error(entry, weights_root, missing)
-        return entry.local_dir(weights_root)
+        folder = entry.local_dir(weights_root)
+        return folder / entry.subfolder if entry.subfolder else folder
 
     return resolve
+
+
+# The Python package each model-backed task needs besides torch (installed by default; checked
+# so /health can say what a trimmed install lacks).
+_TASK_LIBRARIES = {
+    "depth": "controlnet_aux",
+    "depthv2": "transformers",
+    "pose": "onnxruntime",
+    "pose_body": "onnxruntime",
+    "flow": "torchvision",
+    "scribble": "controlnet_aux",
+    "face": "skimage",
+}
+
+
+def task_readiness(weights_root: str | os.PathLike[str], *, tiny: bool) -> dict[str, str]:
+    """{task: "ready" | why not} for /health, without loading any model. The tiny model's
+    preprocessors use random weights, so only their libraries matter there."""
+    import importlib.util
+
+    from server.kernel.request import TASKS
+
+    needs: dict[str, list[ModelEntry]] = {}
+    for entry in load_preprocessor_catalog().values():
+        for task in entry.tasks:
+            needs.setdefault(task, []).append(entry)
+    out: dict[str, str] = {}
+    for task in TASKS:
+        lib = _TASK_LIBRARIES.get(task)
+        if lib and importlib.util.find_spec(lib) is None:
+            out[task] = f"needs the Python package {lib!r}"
+            continue
+        missing = []
+        for entry in [] if tiny else needs.get(task, []):
+            if entry.kind == KIND_MANUAL:
+                continue  # optional: the task has a fallback (face: the bundled detector)
+            if check_files(entry, weights_root):
+                missing.append(entry.name)
+        if missing:
+            out[task] = (
+                f"weights {', '.join(missing)} missing: "
+                + "; ".join(fetch_command(m, weights_root) for m in missing)
+            )
+        else:
+            out[task] = "ready"
+    return out

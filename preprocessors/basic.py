@@ -79,3 +79,15 @@ class InpaintingPreprocessor(Preprocessor):
         # the region the pipeline generates always coincide.
         out[mask > 127] = MASK_COLOR
         return out, mask
+
+
+def build_none(context) -> NonePreprocessor:
+    return NonePreprocessor()
+
+
+def build_gray(context) -> GrayPreprocessor:
+    return GrayPreprocessor()
+
+
+def build_inpainting(context) -> InpaintingPreprocessor:
+    return InpaintingPreprocessor()

@@ -26,7 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from server.kernel.errors import NotSupportedYet
+from server.kernel.errors import CODE_INVALID_PARAMETER, NotSupportedYet, TaskError
+
+
+class PreprocessorUnavailable(TaskError):
+    """A known task whose weights or library this server does not have: the message names the
+    task, what is missing (the folder) and the fetch command."""
+
+    code = CODE_INVALID_PARAMETER
 
 
 class Preprocessor:
@@ -53,6 +60,14 @@ class Preprocessor:
         self, frames: np.ndarray, mask: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
+
+    # Model-backed preprocessors override these two; the model-free ones have nothing to move.
+    def to(self, device: str) -> None:
+        """Move the model(s) to `device` ("cuda", "cpu"): how the runner's memory policy parks
+        a preprocessor off the GPU while the pipeline runs, and brings it back."""
+
+    def close(self) -> None:
+        """Drop the model(s) and free their memory (the runner owns the preprocessors)."""
 
 
 @dataclass(frozen=True)
@@ -126,18 +141,40 @@ class PreprocessorSet:
     def __init__(self, context: PreprocessorContext | None = None):
         self.context = context or PreprocessorContext()
         self._built: dict[str, Preprocessor] = {}
+        self._parked: set[str] = set()
         self._lock = threading.Lock()
 
     def get(self, task: str) -> Preprocessor:
-        """The preprocessor for `task`, built on first use; NotSupportedYet for unknown or
-        missing ones."""
+        """The preprocessor for `task`, built on first use and on the context's device;
+        NotSupportedYet for unknown tasks, PreprocessorUnavailable when its weights (or its
+        library) are missing."""
         factory = _factory_for(task)
         with self._lock:
             inst = self._built.get(task)
             if inst is None:
-                inst = factory(self.context)
+                try:
+                    inst = factory(self.context)
+                except TaskError:
+                    raise
+                except Exception as e:  # missing weights, a library that is not installed
+                    raise PreprocessorUnavailable(
+                        f"task {task!r} cannot run on this server: {e}"
+                    ) from e
                 self._built[task] = inst
+            elif task in self._parked:
+                inst.to(self.context.device)
+            self._parked.discard(task)
             return inst
+
+    def park(self) -> None:
+        """Move every built preprocessor off the GPU (the `offload` memory policy: the pipeline
+        gets the memory back while it denoises; the next `get` brings the model back)."""
+        if not str(self.context.device).startswith("cuda"):
+            return
+        with self._lock:
+            for task, inst in self._built.items():
+                inst.to("cpu")
+                self._parked.add(task)
 
     def built(self) -> list[str]:
         with self._lock:
@@ -150,6 +187,7 @@ class PreprocessorSet:
                 if close is not None:
                     close()
             self._built.clear()
+            self._parked.clear()
 
 
 def get_preprocessor(task: str) -> Preprocessor:
@@ -179,29 +217,35 @@ def is_known(task: str) -> bool:
         return task in _entries
 
 
+def _lazy(module: str, function: str) -> Factory:
+    """A factory that imports its module (torch, a model library) only when first called."""
+
+    def make(context: PreprocessorContext) -> Preprocessor:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(context)
+
+    return make
+
+
 def _register_builtins() -> None:
     # Factories import lazily so that this module never imports anything heavy.
-    def _basic(cls_name: str) -> Factory:
-        def make(context: PreprocessorContext) -> Preprocessor:
-            from preprocessors import basic
-
-            return getattr(basic, cls_name)()
-
-        return make
-
-    register("none", _basic("NonePreprocessor"), description="the video as given")
-    register("gray", _basic("GrayPreprocessor"), description="grayscale")
-    register("inpainting", _basic("InpaintingPreprocessor"), description="masked pixels to gray")
-    # Known tasks whose model-backed preprocessors come later (preprocessors.md "Decisions").
+    register("none", _lazy("preprocessors.basic", "build_none"), description="the video as given")
+    register("gray", _lazy("preprocessors.basic", "build_gray"), description="grayscale")
+    register("inpainting", _lazy("preprocessors.basic", "build_inpainting"),
+             description="masked pixels to gray")  # fmt: skip
     # WaveSpeed's documented values are depth (its default), pose, face, inpainting, none; the
-    # others are official VACE tasks.
-    register_planned("depth", "MiDaS depth")
-    register_planned("pose", "DWPose body and face pose")
-    register_planned("face", "insightface face crop")
-    register_planned("flow", "RAFT optical flow")
-    register_planned("scribble", "anime-style scribble network")
-    register_planned("depthv2", "Depth-Anything-V2 depth")
-    register_planned("pose_body", "DWPose body pose")
+    # others are official VACE tasks (vace.md §5). Weights: the [preprocessors.*] entries of
+    # weights.toml; `--model tiny` builds random-weight versions.
+    register("depth", _lazy("preprocessors.depth", "build_depth"), description="MiDaS DPT-Hybrid depth")
+    register("pose", _lazy("preprocessors.pose", "build_pose"), description="DWPose body and face pose")
+    register("face", _lazy("preprocessors.face", "build_face"), description="face crop of the references")
+    register("flow", _lazy("preprocessors.flow", "build_flow"), description="RAFT optical flow")
+    register("scribble", _lazy("preprocessors.scribble", "build_scribble"),
+             description="anime-style scribble network")  # fmt: skip
+    register("depthv2", _lazy("preprocessors.depth", "build_depthv2"),
+             description="Depth-Anything-V2 depth")  # fmt: skip
+    register("pose_body", _lazy("preprocessors.pose", "build_pose_body"), description="DWPose body pose")
 
 
 _register_builtins()

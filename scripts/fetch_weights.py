@@ -198,7 +198,18 @@ def main(argv: list[str] | None = None) -> int:
         prog="fetch_weights.py",
         description="Fetch a model listed in weights.toml, verify its checksums, write a manifest.",
     )
-    ap.add_argument("name", help="model name from weights.toml, e.g. wan2.1-vace-14b")
+    ap.add_argument(
+        "name",
+        nargs="?",
+        help="a model (e.g. wan2.1-vace-14b) or a preprocessor entry (e.g. midas-dpt-hybrid) "
+        "from weights.toml",
+    )
+    ap.add_argument(
+        "--with-preprocessors",
+        action="store_true",
+        help="also fetch every preprocessor and the safety checker (the [preprocessors.*] "
+        "entries; 'manual' ones print where to place their files)",
+    )
     ap.add_argument(
         "--weights-dir",
         type=Path,
@@ -213,20 +224,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--catalog", type=Path, default=None, help="another weights.toml")
     args = ap.parse_args(argv)
+    if not args.name and not args.with_preprocessors:
+        ap.error("name a model or preprocessor entry, or give --with-preprocessors")
 
     try:
         catalog = weights.load_catalog(args.catalog)
-        entry = weights.get_entry(args.name, catalog)
+        extra = weights.load_preprocessor_catalog(args.catalog)
+        entries = []
+        if args.name:
+            entry = extra.get(args.name) or weights.get_entry(args.name, catalog)
+            entries.append(entry)
+        if args.with_preprocessors:
+            entries += [e for e in extra.values() if e not in entries]
     except (weights.CatalogError, weights.UnknownModel) as e:
         err(str(e))
         return EXIT_USAGE
-    if not entry.needs_files:
-        say(f"{entry.name} is built in memory from random weights; there is nothing to fetch")
-        return EXIT_OK
     root = (args.weights_dir or weights.default_weights_root()).expanduser().resolve()
-    if args.verify_only:
-        return verify_only(entry, root)
-    return fetch(entry, root)
+    status = EXIT_OK
+    for entry in entries:
+        if not entry.needs_files:
+            say(f"{entry.name} is built in memory from random weights; there is nothing to fetch")
+            continue
+        if entry.kind == weights.KIND_MANUAL:
+            missing = weights.check_files(entry, root)
+            state = "in place" if not missing else "not in place"
+            say(f"{entry.name} ({entry.license}): {state} at {entry.local_dir(root)}. {entry.how_to_get}")
+            continue
+        if entry.tasks:
+            say(f"{entry.name}: for {', '.join(entry.tasks)}; licence {entry.license}")
+        rc = verify_only(entry, root) if args.verify_only else fetch(entry, root)
+        status = status or rc
+    return status
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ def prediction_object(
         "model": job.model,
         "outputs": outputs,
         "urls": {"get": result_url(base_url, job.id)},
-        # One per output (contract §4); the safety checker itself is not built yet, which
-        # `safety_checked` and /health say instead of pretending.
+        # One per output (contract §4). `safety_checked` says whether a checker actually ran
+        # (its weights may be missing, or the request turned it off); /health says which.
         "has_nsfw_contents": list(job.has_nsfw) if completed else [],
         "status": job.status.value,
         "created_at": rfc3339(job.created_at),
@@ -68,6 +68,9 @@ def prediction_object(
         if job.extra.get("render_size"):
             # What the model actually rendered before scaling (the tiny model renders small).
             data["render_size"] = list(job.extra["render_size"])
+        if job.extra.get("preprocessing"):
+            # e.g. task face: which references had a face cropped, and by which detector.
+            data["preprocessing"] = job.extra["preprocessing"]
         cond = job.extra.get("conditioning")
         if cond:
             data["conditioning"] = _conditioning_urls(cond, base_url, storage.url)

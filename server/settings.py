@@ -56,6 +56,15 @@ class Settings(BaseSettings):
     tiny_downscale: int | None = None
     # x264 preset for outputs: speed vs file size at the same quality (CRF 18).
     encode_preset: str = "fast"
+    # GPU memory between the `task` preprocessors and the pipeline: "resident" keeps a built
+    # preprocessor on the GPU, "offload" parks it in CPU memory while the pipeline denoises.
+    preprocessor_memory: Literal["resident", "offload"] = "resident"
+    # The NSFW checker: "auto" runs it when its weights are fetched (else outputs carry
+    # safety_checked=false and /health says why), "off" never runs it.
+    safety_checker: Literal["auto", "off"] = "auto"
+    # A flagged output: "flag" delivers it with has_nsfw_contents [true] (as WaveSpeed does),
+    # "withhold" fails the job (code 1405) and stores no video.
+    nsfw_policy: Literal["flag", "withhold"] = "flag"
 
     # A job's lease: the worker renews it every lease_seconds/3. A worker that dies loses its jobs
     # after at most lease_seconds; they are retried until max_attempts, then failed clearly.

@@ -32,6 +32,9 @@ class RunResult:
     # plain value (the recipe).
     conditioning: dict[str, Any] = field(default_factory=dict)
     render_size: tuple[int, int] = (0, 0)
+    # What preprocessing decided that the caller should see (e.g. which references had a face
+    # cropped); shown as `data.preprocessing`.
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 class Runner(Protocol):

@@ -69,7 +69,10 @@ def health_report(request: Request) -> dict[str, Any]:
             "kind": model_info.get("kind"),
             "render": model_info.get("render"),
         },
-        "safety_checker": "not available yet: has_nsfw_contents is always false and outputs carry safety_checked=false",
+        # From a live worker: which tasks its runner can run now (or what is missing), and
+        # which safety checker it runs.
+        "tasks": model_info.get("tasks", {}),
+        "safety_checker": model_info.get("safety_checker", "unknown until a worker is ready"),
         "queue_depth": counts.get("created", 0),
         "running": counts.get("processing", 0),
         "jobs": counts,

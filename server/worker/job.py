@@ -64,6 +64,8 @@ class JobRun:
                 }
                 if result.conditioning:
                     extra["conditioning"] = self._store_conditioning(result.conditioning)
+                if result.notes:
+                    extra["preprocessing"] = result.notes
                 if not self.store.complete(
                     job.id,
                     self.worker_id,

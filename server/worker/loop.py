@@ -45,6 +45,9 @@ def default_runner_factory(settings: Settings) -> Runner:
             tiny_downscale=settings.tiny_downscale,
             encode_preset=settings.encode_preset,
             cpu_threads=settings.cpu_threads,
+            preprocessor_memory=settings.preprocessor_memory,
+            safety_checker=settings.safety_checker,
+            nsfw_policy=settings.nsfw_policy,
         )
     )
 

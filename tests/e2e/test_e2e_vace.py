@@ -306,9 +306,12 @@ def test_control_video_task_gray_by_data_uri(client, jobs):
     assert frames[..., 1].std() > 10  # and not a flat frame
 
 
-def test_task_depth_with_a_video_fails_as_not_supported_yet(client, jobs):
-    d = failed(client, jobs["depth_with_video"], 1401, "'depth'", "not supported yet")
-    assert "task 'none'" in d["error"]  # says what to do instead
+def test_task_depth_with_a_video_runs_the_depth_preprocessor(client, jobs, render):
+    d = completed(client, jobs["depth_with_video"], "control(depth)")
+    frames, _ = lossless_probe(d["conditioning"]["video"])
+    assert frames.shape == (F, render[1], render[0], 3)
+    spread = frames.astype(np.int16).max(-1) - frames.astype(np.int16).min(-1)
+    assert spread.max() <= 3  # a 3-channel gray depth map, not the source
 
 
 def test_control_video_with_references(client, jobs, render):

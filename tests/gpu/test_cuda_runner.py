@@ -10,13 +10,13 @@ pytestmark = pytest.mark.gpu
 
 
 def _run(device: str, tmp_path, name: str) -> np.ndarray:
+    import torch
+
     from pipelines.config import PipelineConfig
     from pipelines.runner import load_runner
     from server.kernel.request import VaceRequest
     from server.schemas import validate_submit
     from tests.vace_media import frames_of
-
-    torch = pytest.importorskip("torch")
     if device == "cuda" and not torch.cuda.is_available():
         pytest.fail("marked gpu but no CUDA device is visible")
     runner = load_runner(PipelineConfig(model="tiny", weights_root=tmp_path, device=device,

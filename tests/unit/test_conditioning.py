@@ -120,8 +120,8 @@ def test_control_gray():
 
 
 def test_control_task_not_available_is_refused_with_video():
-    with pytest.raises(NotSupportedYet, match="task 'depth' is not supported yet"):
-        _build("depth", video=_video())
+    with pytest.raises(NotSupportedYet, match="task 'layout_track' is not supported by this server"):
+        _build("layout_track", video=_video())
 
 
 def test_none_is_verbatim_and_exact():

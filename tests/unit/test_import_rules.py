@@ -53,7 +53,8 @@ with TestClient(app) as c:
     assert c.get("/api/v3/models").status_code == 200
     r = c.post("/api/v3/wavespeed-ai/wan-2.1-14b-vace", json={{"prompt": "a cat"}})
     assert r.status_code == 200, r.text
-heavy = ("torch", "diffusers", "transformers", "pipelines", "preprocessors", "av", "PIL", "numpy")
+heavy = ("torch", "torchvision", "diffusers", "transformers", "pipelines", "preprocessors", "av",
+         "PIL", "numpy", "cv2", "onnxruntime", "controlnet_aux", "skimage")
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy)))
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

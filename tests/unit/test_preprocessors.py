@@ -12,7 +12,7 @@ from preprocessors import available_tasks, get_preprocessor, known_tasks, regist
 from preprocessors.basic import GrayPreprocessor, InpaintingPreprocessor, NonePreprocessor
 from server.kernel.errors import CODE_INVALID_PARAMETER, NotSupportedYet
 
-PLANNED = ["depth", "pose", "face", "flow", "scribble", "depthv2", "pose_body"]
+MODEL_BACKED = ["depth", "pose", "face", "flow", "scribble", "depthv2", "pose_body"]
 
 
 @pytest.fixture
@@ -29,8 +29,8 @@ def _frames(f=2, h=4, w=6, seed=0):
 
 
 def test_registry_lists_tasks():
-    assert available_tasks() == ["none", "gray", "inpainting"]
-    assert set(known_tasks()) == {"none", "gray", "inpainting", *PLANNED}
+    assert available_tasks() == ["none", "gray", "inpainting", *MODEL_BACKED]
+    assert set(known_tasks()) == {"none", "gray", "inpainting", *MODEL_BACKED}
     # every WaveSpeed task value is known
     assert {"depth", "pose", "face", "inpainting", "none"} <= set(known_tasks())
 
@@ -60,8 +60,10 @@ def test_a_set_builds_each_task_once_with_attributes():
     assert registry.PreprocessorSet().get("gray") is not s.get("gray")  # sets share nothing
 
 
-@pytest.mark.parametrize("task", PLANNED)
-def test_planned_tasks_raise_not_supported_yet(task):
+@pytest.mark.parametrize("task", MODEL_BACKED)
+def test_planned_tasks_raise_not_supported_yet(task, isolated_registry):
+    # A task declared but not built (a trimmed install, a task still to come).
+    registry.register_planned(task, "a future model")
     with pytest.raises(NotSupportedYet) as exc:
         get_preprocessor(task)
     msg = exc.value.message
@@ -70,16 +72,35 @@ def test_planned_tasks_raise_not_supported_yet(task):
     assert exc.value.code == CODE_INVALID_PARAMETER
 
 
-def test_depth_message_names_its_model():
+def test_planned_message_names_its_model(isolated_registry):
+    registry.register_planned("depth", "MiDaS depth")
     with pytest.raises(NotSupportedYet, match=r"its preprocessor \(MiDaS depth\) is not installed"):
         get_preprocessor("depth")
+
+
+@pytest.mark.parametrize(
+    "task,entry",
+    [("depth", "midas-dpt-hybrid"), ("depthv2", "depth-anything-v2"), ("pose", "dwpose"),
+     ("pose_body", "dwpose"), ("flow", "raft"), ("scribble", "scribble")],
+)  # fmt: skip
+def test_missing_weights_name_the_task_the_folder_and_the_fetch_command(task, entry, tmp_path):
+    from pipelines.weights import weights_resolver
+
+    ctx = registry.PreprocessorContext(weights=weights_resolver(tmp_path))
+    with pytest.raises(registry.PreprocessorUnavailable) as exc:
+        registry.PreprocessorSet(ctx).get(task)
+    msg = exc.value.message
+    assert msg.startswith(f"task {task!r} cannot run on this server: ")
+    assert str(tmp_path / "preprocessors") in msg
+    assert f"python scripts/fetch_weights.py {entry} --weights-dir {tmp_path}" in msg
+    assert exc.value.code == CODE_INVALID_PARAMETER
 
 
 def test_unknown_task_raises_with_its_name():
     with pytest.raises(NotSupportedYet) as exc:
         get_preprocessor("layout_bbox")
     assert "'layout_bbox'" in exc.value.message
-    assert "none, gray, inpainting" in exc.value.message
+    assert "none, gray, inpainting, depth" in exc.value.message
 
 
 def test_register_is_lazy_and_replaces_planned_entries(isolated_registry):

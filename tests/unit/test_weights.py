@@ -336,9 +336,44 @@ def test_weights_resolver_for_preprocessors_names_the_fetch_command(tmp_path):
 
     resolve = weights_resolver(tmp_path)
     with pytest.raises(ModelNotAvailable) as e:
-        resolve("wan2.1-vace-14b")  # known, not fetched into tmp_path
-    assert "scripts/fetch_weights.py wan2.1-vace-14b" in str(e.value)
+        resolve("midas-dpt-hybrid")  # known, not fetched into tmp_path
+    assert "scripts/fetch_weights.py midas-dpt-hybrid" in str(e.value)
+    assert str(tmp_path / "preprocessors/VACE-Annotators-depth") in str(e.value)
     with pytest.raises(UnknownModel):
         resolve("no-such-model")
-    with pytest.raises(ValueError, match="has no local folder"):
-        resolve("tiny")  # random weights: there is no folder to hand out
+    with pytest.raises(UnknownModel):
+        resolve("wan2.1-vace-14b")  # a model, not a preprocessor's weights
+    with pytest.raises(ModelNotAvailable, match="non-commercial"):
+        resolve("antelopev2")  # placed by the user: says how to get it
+
+
+def test_a_preprocessor_entry_is_fetched_and_resolved_like_a_model(tmp_path, monkeypatch, capsys):
+    from pipelines.weights import weights_resolver
+
+    fw = _load_script()
+    data = b"raft weights"
+    blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    repos = []
+
+    def model_info(repo_id, revision):
+        repos.append(repo_id)
+        sib = SimpleNamespace(rfilename="flow/raft-things.pth", size=len(data), blob_id=blob, lfs=None)
+        return SimpleNamespace(sha="e" * 40, siblings=[sib])
+
+    def download(*, repo_id, revision, local_dir, allow_patterns):
+        assert allow_patterns == ["flow/raft-things.pth"]
+        (Path(local_dir) / "flow").mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / "flow/raft-things.pth").write_bytes(data)
+
+    monkeypatch.setattr(fw, "hub_model_info", model_info)
+    monkeypatch.setattr(fw, "hub_snapshot_download", download)
+    root = tmp_path / "weights"
+    resolve = weights_resolver(root)
+    with pytest.raises(Exception, match="fetch_weights.py raft"):
+        resolve("raft")
+    assert fw.main(["raft", "--weights-dir", str(root)]) == 0
+    assert repos == ["ali-vilab/VACE-Annotators"]
+    assert "for flow; licence BSD-3-Clause" in capsys.readouterr().out
+    folder = resolve("raft")  # now complete (files and manifest): the flow/ sub-folder
+    assert folder == root / "preprocessors/VACE-Annotators-flow/flow"
+    assert (folder / "raft-things.pth").read_bytes() == data
