@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from server.kernel.errors import ApiError, bad_request
+from server.kernel.errors import bad_request
 from server.kernel.request import (
     ALIASES,
     FIELDS,

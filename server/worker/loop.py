@@ -21,7 +21,7 @@ from typing import Any
 from server.kernel.jobstate import WorkerState
 from server.kernel.runner import Runner, RunnerFactory
 from server.settings import Settings
-from server.storage import Storage, open_storage
+from server.storage import open_storage
 from server.store import Job, WorkerInfo, open_store
 from server.worker.job import JobRun
 
