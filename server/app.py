@@ -17,11 +17,12 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.auth import Authenticator
+from server.diskspace import RETRY_AFTER, insufficient_storage, is_disk_full
 from server.kernel.errors import ApiError, envelope_for_error
 from server.settings import Settings
 from server.state import AppState
 from server.storage import open_storage
-from server.store import open_store
+from server.store import StoreUnavailable, open_store
 
 log = logging.getLogger("wan_vace.app")
 
@@ -96,11 +97,35 @@ def _install_error_mapping(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "error"
+        headers = dict(exc.headers or {})
         if exc.status_code == 404 and message == "Not Found":
             message = f"Not found: {request.method} {request.url.path}"
-        return JSONResponse(envelope_for_error(exc.status_code, message), exc.status_code)
+        elif exc.status_code == 405:
+            # e.g. GET /api/v3/predictions: history is a POST. Say which methods the route takes.
+            allowed = headers.get("allow") or headers.get("Allow") or ""
+            message = f"{request.method} is not allowed on {request.url.path}; it takes {allowed or 'other methods'}"
+        return JSONResponse(envelope_for_error(exc.status_code, message), exc.status_code, headers=headers)
+
+    # A full disk (the job store's, or storage's): 507 Insufficient Storage with Retry-After,
+    # not a bare 500; what is stored already stays readable (server/diskspace.py).
+    def _insufficient(request: Request, what: str) -> JSONResponse:
+        log.warning("%s %s refused: %s", request.method, request.url.path, what)
+        return JSONResponse(envelope_for_error(507, insufficient_storage(what)), 507, headers=RETRY_AFTER)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        return _insufficient(request, exc.message)
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        if is_disk_full(exc):
+            return _insufficient(request, f"the server's disk is full ({exc.strerror or exc})")
+        return _internal(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _internal(request, exc)
+
+    def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse(envelope_for_error(500, "Internal server error"), 500)

@@ -38,9 +38,14 @@ class Authenticator:
     def check(self, request: Request) -> None:
         if self.open:
             return
-        header = request.headers.get("authorization", "")
+        header = request.headers.get("authorization", "").strip()
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        if header and scheme.lower() != "bearer":
+            # The usual slip: the key sent alone. Say so rather than "missing".
+            raise ApiError(
+                401, "The Authorization header needs the 'Bearer' scheme: send 'Authorization: Bearer <key>'"
+            )
+        if not token.strip():
             raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'")
         given = token.strip().encode()
         # Check every key (no early exit) so timing says nothing about which one nearly matched.

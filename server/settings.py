@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     max_queue: int = 1000
     # How long `enable_sync_mode` holds the POST before answering the 5004 "timed out" form.
     sync_timeout: float = 600.0
+    # When every local worker failed to load its model (and no worker elsewhere is live), jobs
+    # still queued are failed (code 5003, the reason in the message) after this many seconds.
+    unservable_grace: float = Field(60.0, ge=0)
+    # Free space the data dir keeps: below it, uploads and submits are refused with 507 before
+    # the disk is full (jobs already accepted still run and store their outputs). Unset: 1 GiB,
+    # or 5% of the data dir's file system when that is smaller (a small disk or tmpfs). 0: off.
+    min_free_bytes: int | None = Field(None, ge=0)
 
     # Webhook deliveries: attempts in all, and the first retry delay (doubling each time).
     webhook_max_attempts: int = 6
@@ -89,7 +96,8 @@ class Settings(BaseSettings):
 
     # Media fetching in the worker.
     allow_private_urls: bool = False
-    fetch_timeout: float = 30.0
+    # Seconds the whole fetch of one media input may take (connect, reads, redirects).
+    fetch_timeout: float = 120.0
     max_image_bytes: int = 20 * 1024 * 1024
     max_video_bytes: int = 100 * 1024 * 1024
     # A submit body (inline data: media included) larger than this is refused with 413.

@@ -8,8 +8,10 @@ module because a spawned worker process receives its factory by reference.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -100,3 +102,125 @@ def _slow(progress: ProgressFn) -> None:
 
 def slow(settings) -> FakeRunner:
     return FakeRunner(_slow)
+
+
+# Disk faults -------------------------------------------------------------------------------------
+# In-process only (a spawned worker does not see a monkeypatch): the store's writes, or storage's,
+# fail as on a full disk while the event is set. A runner made by `fills_the_disk` or
+# `fills_the_storage` sets it once a "boom" job has rendered, so the outcome cannot be recorded
+# (or the output cannot be stored) until the test clears it.
+DISK_FULL = threading.Event()
+STORAGE_FULL = threading.Event()
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
+class _FullDiskConnection:
+    """An SQLite connection whose writes fail with SQLITE_FULL's message while DISK_FULL is set."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def execute(self, sql: str, *args):
+        if DISK_FULL.is_set() and sql.lstrip().upper().startswith(_WRITES):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._conn, name)
+
+
+def fill_the_store(monkeypatch, *, new_connections_fail: bool = False) -> threading.Event:
+    """Make every SqliteJobStore of this process fail its writes while the returned event is set
+    (and, with `new_connections_fail`, fail to open a connection, as SQLite does when it cannot
+    create its -wal/-shm files)."""
+    from server.store.sqlite import SqliteJobStore
+
+    DISK_FULL.clear()
+    conn, connect = SqliteJobStore._conn, SqliteJobStore._connect
+
+    def faulty_conn(self):
+        return _FullDiskConnection(conn(self))
+
+    def faulty_connect(self):
+        if new_connections_fail and DISK_FULL.is_set():
+            raise sqlite3.OperationalError("unable to open database file")
+        return connect(self)
+
+    monkeypatch.setattr(SqliteJobStore, "_conn", faulty_conn)
+    monkeypatch.setattr(SqliteJobStore, "_connect", faulty_connect)
+    return DISK_FULL
+
+
+class _FullDiskFile:
+    """A file being written whose disk fills up after its first few bytes."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data) -> int:
+        self._f.write(bytes(data[:4]))
+        self._f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+def fill_the_storage(monkeypatch) -> threading.Event:
+    """Make storage writes fail with ENOSPC while the returned event is set: a temporary `.part`
+    file takes its first bytes, then the disk is full."""
+    STORAGE_FULL.clear()
+    real = os.fdopen
+
+    def fdopen(fd, *args, **kw):
+        f = real(fd, *args, **kw)
+        if STORAGE_FULL.is_set() and isinstance(fd, int):
+            try:
+                path = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                path = ""
+            if path.endswith(".part"):
+                return _FullDiskFile(f)
+        return f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    return STORAGE_FULL
+
+
+def _fill(event: threading.Event):
+    def misbehave(progress: ProgressFn) -> None:
+        progress(0.5)
+        event.set()
+
+    return misbehave
+
+
+def fills_the_disk(settings) -> FakeRunner:
+    return FakeRunner(_fill(DISK_FULL))
+
+
+def fills_the_storage(settings) -> FakeRunner:
+    return FakeRunner(_fill(STORAGE_FULL))
+
+
+def _fill_then_oom(progress: ProgressFn) -> None:
+    progress(0.4)
+    DISK_FULL.set()
+    raise OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
+
+
+def fills_the_disk_then_oom(settings) -> FakeRunner:
+    return FakeRunner(_fill_then_oom)
+
+
+def store_unavailable_at_start(settings) -> FakeRunner:
+    """Exits the worker process as one that could not open the store does."""
+    from server.worker.loop import EXIT_STORE_UNAVAILABLE
+
+    raise SystemExit(EXIT_STORE_UNAVAILABLE)

@@ -4,9 +4,14 @@ SQL, no torch, so it is tested in microseconds and the stores cannot disagree ab
     created ──claim──▶ processing ──complete──▶ completed
        │                  │ │ └────fail──────▶ failed
        │                  │ └──cancel────────▶ cancelled
-       │                  └──lease_lost──▶ created (attempts left) | failed (none left)
+       │                  ├──lease_lost──▶ created (attempts left) | failed (none left)
+       │                  └──hand_back───▶ created (always)
        ├──cancel──▶ cancelled
        └──fail────▶ failed      (e.g. expired before any worker could run it)
+
+`lease_lost` is a crash, a lost lease or a retryable error: the claim counted as an attempt.
+`hand_back` is a graceful stop (the worker was asked to stop, the server is shutting down): the
+job did nothing wrong, so it is always queued again and the store gives its attempt back.
 
 `created` is WaveSpeed's name for "queued"; clients treat every non-terminal status as "keep
 polling", and only `completed`, `failed`, `cancelled` end a poll loop (contract §1.3).
@@ -38,6 +43,7 @@ class Event(str, Enum):
     FAIL = "fail"
     CANCEL = "cancel"
     LEASE_LOST = "lease_lost"  # worker died or stopped renewing
+    HAND_BACK = "hand_back"  # worker stopped gracefully: queued again, the attempt not counted
 
 
 class IllegalTransition(ValueError):
@@ -51,6 +57,7 @@ _TABLE: dict[tuple[State, Event], State] = {
     (State.PROCESSING, Event.COMPLETE): State.COMPLETED,
     (State.PROCESSING, Event.FAIL): State.FAILED,
     (State.PROCESSING, Event.CANCEL): State.CANCELLED,
+    (State.PROCESSING, Event.HAND_BACK): State.CREATED,
 }
 
 

@@ -2,64 +2,24 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from server.capacity import capacity
+from server.diskspace import disk_report
+from server.settings import MODEL_ID
 from server.state import state_of
 
 router = APIRouter()
 
-# A worker whose heartbeat is older than this is not counted as alive.
-_STALE_S = 15.0
-
 
 def health_report(request: Request) -> dict[str, Any]:
     st = state_of(request)
-    now = time.time()
-    sup = st.supervisor
-    local = sup.snapshot() if sup is not None else {}
-    workers = []
-    for w in st.store.workers():
-        if w.state == "stopped":
-            continue
-        alive = now - w.heartbeat_at < max(_STALE_S, st.settings.lease_seconds)
-        if w.id in local:
-            alive = alive and local[w.id]["alive"]
-        elif sup is not None and sup.owns_host(w.host) and not alive:
-            continue  # a worker of an earlier run of this server: gone, not our concern now
-        workers.append(
-            {
-                "id": w.id,
-                "pid": w.pid,
-                "host": w.host,
-                "state": w.state if alive else "dead",
-                "reason": w.reason,
-                "alive": alive,
-                "heartbeat_age_s": round(now - w.heartbeat_at, 1),
-                "model": w.model,
-                **w.info,
-            }
-        )
-    live = [w for w in workers if w["alive"]]
+    cap = capacity(st)
+    state, reason, workers, live = cap.state, cap.reason, cap.workers, cap.live
     counts = st.store.count_by_status()
-    expected = st.settings.workers
-    if any(w["state"] == "busy" for w in live):
-        state, reason = "busy", ""
-    elif any(w["state"] == "ready" for w in live):
-        state, reason = "ready", ""
-    elif any(w["state"] == "loading" for w in live):
-        state, reason = "loading", "loading model weights"
-    elif sup is not None and sup.failed_reason:
-        state, reason = "failed", sup.failed_reason
-    elif expected == 0 and not workers:
-        state, reason = "ready", "API only (--workers 0): jobs wait for external workers"
-    else:
-        failed = [w for w in workers if w["state"] == "failed"]
-        state = "failed" if failed else "starting"
-        reason = failed[0]["reason"] if failed else "starting worker processes"
     model_info = next((w for w in live if w.get("render")), live[0] if live else {})
     return {
         "status": state,
@@ -77,6 +37,9 @@ def health_report(request: Request) -> dict[str, Any]:
         "running": counts.get("processing", 0),
         "jobs": counts,
         "workers": workers,
+        # Free space of the data dir; `ok` false (with a reason) below the free-space floor or
+        # after a write failed for want of space: submits and uploads answer 507 meanwhile.
+        "disk": disk_report(st.settings, st.store, st.storage),
         "auth": "open" if st.auth.open else "api key",
     }
 
@@ -88,6 +51,27 @@ def health(request: Request) -> dict[str, Any]:
 
 @router.get("/health/ready")
 def ready(request: Request) -> JSONResponse:
-    """For load balancers and orchestrators: 200 only when a worker can take jobs."""
+    """For load balancers and orchestrators: 200 only when a worker can take jobs and the disk
+    has room for them."""
     rep = health_report(request)
-    return JSONResponse(rep, 200 if rep["status"] in ("ready", "busy") else 503)
+    ok = rep["status"] in ("ready", "busy") and rep["disk"]["ok"]
+    return JSONResponse(rep, 200 if ok else 503)
+
+
+@router.get("/")
+def root(request: Request) -> dict[str, Any]:
+    """Where to go from here (a playground page will live here)."""
+    st = state_of(request)
+    base = st.base_url(request)
+    return {
+        "name": "wan-vace",
+        "model": MODEL_ID,
+        "submit": f"POST {base}/api/v3/{MODEL_ID}",
+        "links": {
+            "docs": f"{base}/docs",
+            "health": f"{base}/health",
+            "model_schema": f"{base}/api/v3/models",
+            "openapi": f"{base}/openapi.json",
+        },
+        "auth": "open" if st.auth.open else "send 'Authorization: Bearer <key>'",
+    }

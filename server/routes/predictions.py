@@ -15,6 +15,8 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from server.auth import require_key
+from server.capacity import check_can_run
+from server.diskspace import check_free_space
 from server.inputs import store_inline_media
 from server.kernel.errors import CODE_TIMEOUT, ApiError, bad_request
 from server.kernel.jobstate import State
@@ -91,6 +93,10 @@ async def submit(request: Request) -> dict[str, Any]:
     if webhook:
         _check_webhook_url(webhook)
     inp["webhook_url"] = webhook or None
+    # Before anything is stored: a job no worker can run is refused now, not queued forever,
+    # and one the disk has no room for (507) before the disk is full.
+    await run_in_threadpool(check_can_run, st, inp)
+    check_free_space(st.settings)
 
     job_id = secrets.token_hex(16)
     base = st.base_url(request)

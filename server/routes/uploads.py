@@ -29,6 +29,7 @@ from fastapi import APIRouter, Depends, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from server.auth import require_key
+from server.diskspace import check_free_space
 from server.kernel.errors import ApiError, bad_request
 from server.kernel.media_types import media_filename, sniff
 from server.predictions import success
@@ -70,6 +71,7 @@ def _check(st: AppState, data: bytes) -> tuple[str, str]:
 
 def _save(st: AppState, request: Request, data: bytes, filename: str) -> dict[str, Any]:
     kind, mime = _check(st, data)
+    check_free_space(st.settings)
     stored_name = media_filename(filename or "upload", mime)
     key = st.storage.put_bytes(st.storage.new_key("uploads", stored_name), data)
     url = st.storage.url(st.base_url(request), key)
@@ -159,6 +161,7 @@ async def upload_ticket(request: Request) -> dict[str, Any]:
             raise _too_large(kind, _limit(st, kind))
         if size > cap:
             raise _too_large("media", cap)
+    check_free_space(st.settings)  # refused now rather than at the PUT
     key = st.storage.new_key("uploads", media_filename(filename, ctype))
     token = _sign(st, {"key": key, "exp": time.time() + st.settings.upload_ticket_seconds})
     base = st.base_url(request)
@@ -194,6 +197,7 @@ async def upload_put(token: str, request: Request) -> dict[str, Any]:
         cap = max(st.settings.max_video_bytes, st.settings.max_image_bytes)
         data = await read_capped(request, cap, _too_large("media", cap))
         kind, mime = await run_in_threadpool(_check, st, data)
+        check_free_space(st.settings)
         await run_in_threadpool(st.storage.put_bytes, key, data)
     finally:
         _in_flight.discard(key)

@@ -49,7 +49,12 @@ def media_url(base_url: str, key: str) -> str:
 
 class Storage(ABC):
     """Where outputs, uploads and inline inputs live. Writes are atomic: a reader sees a whole
-    object under its key or nothing, never a part."""
+    object under its key or nothing, never a part; a write that fails leaves nothing behind."""
+
+    # The last write refused for want of space (ENOSPC, EDQUOT) and when, until a write
+    # succeeds again (/health reads them).
+    write_error: OSError | None = None
+    write_error_at: float = 0.0
 
     def new_key(self, prefix: str, filename: str) -> str:
         """A fresh key `prefix/<token>/<filename>`; the random token makes it unguessable, which

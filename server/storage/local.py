@@ -2,7 +2,9 @@
 
 Atomic writes: bytes go to a uniquely named temporary file beside the target, which is flushed
 to disk and then renamed over it (`os.replace` is atomic within a file system). Concurrent
-writers of one key each have their own temporary file; the last rename wins whole.
+writers of one key each have their own temporary file; the last rename wins whole. A write that
+fails for any reason (ENOSPC on a full disk included) removes its temporary file and the
+folders it created for the key, and raises the error.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from server.diskspace import is_disk_full
 from server.storage.base import InvalidKey, Storage, check_key
 
 
@@ -30,23 +34,56 @@ class LocalStorage(Storage):
             raise InvalidKey(key)
         return p
 
+    def _make_parents(self, d: Path) -> list[Path]:
+        """Create `d` and its missing parents; returns those this call created, outermost first."""
+        missing = []
+        while not d.exists() and d != d.parent:
+            missing.append(d)
+            d = d.parent
+        made = []
+        for m in reversed(missing):
+            try:
+                m.mkdir()
+            except FileExistsError:  # another writer made it meanwhile: not ours to remove
+                continue
+            made.append(m)
+        return made
+
     def _write(self, key: str, fill: Callable[[BinaryIO], None]) -> str:
         p = self._path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        made: list[Path] = []
         # A hidden name of fixed length, so a key near the name-length limit still has room.
         tmp = p.with_name(f".{secrets.token_hex(8)}.part")
-        # os.open with 0o666: the umask decides the mode, as for any file this process writes.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
+            made = self._make_parents(p.parent)
+            # os.open with 0o666: the umask decides the mode, as for any file this process writes.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(fd, "wb") as f:
                 fill(f)
                 f.flush()
                 os.fsync(f.fileno())  # a job is recorded complete only after its output is durable
             os.replace(tmp, p)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+        except BaseException as e:
+            self._undo(tmp, made)
+            if is_disk_full(e):  # remembered for /health until a write succeeds
+                self.write_error, self.write_error_at = e, time.time()
             raise
+        self.write_error = None
         return key
+
+    @staticmethod
+    def _undo(tmp: Path, made: list[Path]) -> None:
+        """What a failed write leaves: its temporary file, and the folders it made (innermost
+        first; one another writer has put something in meanwhile stays)."""
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
     def put_bytes(self, key: str, data: bytes) -> str:
         return self._write(key, lambda f: f.write(data))

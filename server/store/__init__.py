@@ -13,7 +13,9 @@ backend passes.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,9 @@ __all__ = [
     "JobStore",
     "NewJob",
     "QueueFull",
+    "ReleasedJob",
     "RenewResult",
+    "StoreUnavailable",
     "WebhookDelivery",
     "WorkerInfo",
     "WorkerState",
@@ -73,12 +77,45 @@ class NewJob:
     request_hash: str | None = None
 
 
+@dataclass(frozen=True)
+class ReleasedJob:
+    """What releasing a lease did to one job (`JobStore.release_worker`), enough to log it."""
+
+    id: str
+    status: State  # CREATED (queued again) or FAILED (no attempt left)
+    attempts: int  # claims counted, after the release
+    max_attempts: int
+    error: str  # the message the job now carries
+    counted: bool = True  # False: a graceful hand-back, the claim's attempt given back
+
+    def describe(self) -> str:
+        """One line for the log: "re-queued job X (attempt n of m)" or "failed job X: why"."""
+        if self.status is State.FAILED:
+            return f"failed job {self.id}: {self.error}"
+        if not self.counted:
+            used = f"{self.attempts} of {self.max_attempts} used"
+            return f"re-queued job {self.id} (attempt not counted; {used})"
+        return f"re-queued job {self.id} (attempt {self.attempts} of {self.max_attempts})"
+
+
 class QueueFull(Exception):
     pass
 
 
 class IdempotencyConflict(Exception):
     pass
+
+
+class StoreUnavailable(Exception):
+    """The store cannot do what was asked right now because its disk is full or failing
+    (SQLite: SQLITE_FULL "database or disk is full", SQLITE_IOERR "disk I/O error", a journal
+    file it cannot create). Transient: the same call succeeds once space is freed. The API
+    answers it with 507; workers and the supervisor retry with backoff."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+        self.at = time.time()
 
 
 @dataclass
@@ -96,20 +133,28 @@ class WorkerInfo:
 
 @dataclass
 class WebhookDelivery:
-    """One due outbox row. The event is `<job_id>-<status>`; its body is built from the job row
-    when it is delivered, except on rows written before schema version 3, which carry the body
-    they were first signed with."""
+    """One claimed outbox row. The event is `<job_id>-<status>`; its body is built from the job
+    row when it is delivered, except on rows written before schema version 3, which carry the body
+    they were first signed with. `claim` is this delivery's own claim token: only its holder may
+    record the attempt's result (`JobStore.webhook_attempted`)."""
 
     event_id: str
     job_id: str
     url: str
     status: str  # the terminal status the event announces
-    attempts: int
+    attempts: int  # attempts recorded before this one
     next_attempt_at: float
     body: str | None = None
+    claim: str = ""
+    claim_expires: float = 0.0
+    last_status: int | None = None  # the receiver's HTTP answer to the previous attempt
 
 
 class JobStore(ABC):
+    # The last StoreUnavailable this store raised, until a write transaction commits again
+    # (/health reads it); None while writes work.
+    write_error: StoreUnavailable | None = None
+
     @abstractmethod
     def create(self, job: NewJob, *, max_queue: int | None = None) -> tuple[Job, bool]:
         """Insert a queued job. Returns (job, created). With an idempotency key already used for
@@ -169,8 +214,24 @@ class JobStore(ABC):
         """Apply LEASE_LOST to every running job whose lease ran out; returns their ids."""
 
     @abstractmethod
-    def release_worker(self, worker_id: str, reason: str) -> list[str]:
-        """Apply LEASE_LOST at once to every job held by a worker known to be dead."""
+    def release_worker(self, worker_id: str, reason: str, *, graceful: bool = False) -> list[ReleasedJob]:
+        """Take back at once every job held by `worker_id`, saying what became of each.
+
+        Not graceful (a worker known to be dead, a restart after a crash): LEASE_LOST, the claim
+        counts as an attempt, re-queued while attempts remain, else failed. Graceful (the worker
+        was asked to stop and is handing its jobs back): HAND_BACK, always re-queued, the claim's
+        attempt given back, code 0. Either way the lease is cleared and progress reset to 0."""
+
+    @abstractmethod
+    def extend_leases(self, lease_seconds: float) -> list[str]:
+        """Give every running job whose lease ends sooner a lease of `lease_seconds` from now;
+        returns their ids. After a store outage, during which no worker could renew: the live
+        ones renew within a second, a dead one's jobs expire `lease_seconds` later."""
+
+    @abstractmethod
+    def fail_queued(self, *, code: int, error: str) -> list[str]:
+        """Apply FAIL to every queued job (none can run: every local worker failed to load);
+        returns their ids."""
 
     @abstractmethod
     def queue_depth(self) -> int: ...
@@ -203,15 +264,39 @@ class JobStore(ABC):
     # Webhook outbox --------------------------------------------------------------------------
     @abstractmethod
     def due_webhooks(
-        self, now: float, limit: int = 20, lease_seconds: float = 30.0
+        self,
+        now: float,
+        limit: int = 20,
+        lease_seconds: float = 30.0,
+        *,
+        accept: Callable[[WebhookDelivery], bool] | None = None,
     ) -> list[WebhookDelivery]:
-        """Due deliveries, each claimed for `lease_seconds`."""
+        """Claim up to `limit` due deliveries (oldest next attempt first), each under its own
+        claim token for `lease_seconds`: while a claim is held no other call returns its row. A
+        row whose claim ran out with no result recorded (its holder crashed) is due again.
+        `accept`, asked about each due row in turn inside the claim, may pass over a row (left
+        unclaimed for others), e.g. one for a receiver that is busy already."""
+
+    @abstractmethod
+    def renew_webhook_claims(self, claims: dict[str, str], lease_seconds: float) -> set[str]:
+        """Extend the claims `{event_id: claim token}` still held by those tokens to
+        `lease_seconds` from now; returns the event ids renewed."""
 
     @abstractmethod
     def webhook_attempted(
-        self, event_id: str, *, delivered: bool, error: str, next_attempt_at: float | None
-    ) -> None:
-        """Record one delivery attempt; `next_attempt_at=None` with delivered=False gives up."""
+        self,
+        event_id: str,
+        *,
+        claim: str,
+        delivered: bool,
+        error: str,
+        next_attempt_at: float | None,
+        status_code: int | None = None,
+    ) -> bool:
+        """Record one delivery attempt and end its claim, only while `claim` still holds the row
+        (a compare-and-set on the token). `next_attempt_at=None` with delivered=False gives up;
+        `status_code` is the receiver's HTTP answer (None: no answer). Returns False, changing
+        nothing, when the claim was taken over or the row is no longer pending."""
 
     @abstractmethod
     def get_setting(self, key: str) -> str | None: ...

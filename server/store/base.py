@@ -12,7 +12,13 @@ queries (history, counts, workers, settings), so the rules cannot drift between 
 - `completed` and `failed` insert the webhook event into the outbox in the same transaction as
   the transition, so no crash between the two can lose a webhook (the body is built when the
   event is delivered: server/webhooks.py);
-- a lost lease, and a retryable failure, re-queue the job while attempts remain.
+- each outbox delivery is claimed on its own, under a fresh token, and its result is recorded
+  only by that token's holder (a compare-and-set), so no two dispatchers send one event while a
+  claim is held; a claim that runs out unrecorded (its holder crashed) is taken over;
+- a lost lease, and a retryable failure, re-queue the job while attempts remain (the claim
+  counted as an attempt); a graceful hand-back (`release_worker(..., graceful=True)`) always
+  re-queues it and gives the claim's attempt back;
+- re-queueing a job resets its progress to 0: a queued job shows no progress of a run that ended.
 
 Rows cross the primitives as Python values (`State`, lists, dicts); encoding them (JSON text,
 JSONB) is the backend's business.
@@ -20,8 +26,10 @@ JSONB) is the backend's business.
 
 from __future__ import annotations
 
+import secrets
 import time
 from abc import abstractmethod
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar
 
@@ -32,6 +40,7 @@ from server.store import (
     JobStore,
     NewJob,
     QueueFull,
+    ReleasedJob,
     RenewResult,
     WebhookDelivery,
 )
@@ -96,12 +105,22 @@ class TransactionalJobStore(JobStore, Generic[C]):
     ) -> None: ...
 
     @abstractmethod
-    def _claim_outbox(self, c: C, now: float, limit: int, until: float) -> list[WebhookDelivery]:
-        """Undelivered, not given up rows due by `now`, their next attempt moved to `until`."""
+    def _due_outbox(self, c: C, now: float) -> Iterator[WebhookDelivery]:
+        """Pending (undelivered, not given up) rows due by `now` and not under a claim that runs
+        past `now`, oldest next attempt first, read lazily and locked against other claimers
+        until the transaction ends. Closing the iterator ends the read."""
 
     @abstractmethod
-    def _update_outbox(self, c: C, event_id: str, values: dict[str, Any]) -> None:
-        """Write `values` to an outbox row and count one more attempt."""
+    def _claim_outbox_row(
+        self, c: C, event_id: str, token: str, until: float, *, holder: str | None = None
+    ) -> bool:
+        """Put the row under claim `token` until `until`, its next attempt moved there too; with
+        `holder`, only while that token holds it (a renewal). True when the row was written."""
+
+    @abstractmethod
+    def _update_outbox_if_claimed(self, c: C, event_id: str, token: str, values: dict[str, Any]) -> bool:
+        """Write `values` to a pending row while claim `token` holds it, count one more attempt and
+        end the claim. True when the row was written."""
 
     # Transitions -----------------------------------------------------------------------------
     def _transition(
@@ -115,6 +134,8 @@ class TransactionalJobStore(JobStore, Generic[C]):
         if new is not State.PROCESSING:
             values.setdefault("lease_owner", None)
             values.setdefault("lease_expires", None)
+        if new is State.CREATED:  # queued again: the run that ended shows no progress
+            values.setdefault("progress", 0.0)
         if new in TERMINAL:
             values.setdefault("finished_at", time.time())
         values["status"] = new
@@ -270,28 +291,62 @@ class TransactionalJobStore(JobStore, Generic[C]):
             new = self._transition(c, job, Event.CANCEL, error="Cancelled by request.", code=0)
             return self._fetch_job(c, job_id), new is not None
 
-    def _lose_leases(self, reason: str, **where: Any) -> list[str]:
-        ids = []
+    def _lose_leases(self, reason: str, *, graceful: bool = False, **where: Any) -> list[ReleasedJob]:
+        released = []
         with self._transaction() as c:
             for job in self._fetch_leased(c, **where):
-                if job.attempts >= job.max_attempts:  # the state machine fails it
+                if graceful:  # handed back: the claim's attempt is given back
+                    event, attempts = Event.HAND_BACK, max(0, job.attempts - 1)
+                    msg, code = f"{reason}; the job was queued again.", 0
+                    values: dict[str, Any] = {"attempts": attempts}
+                elif job.attempts >= job.max_attempts:  # the state machine fails it
+                    event, attempts = Event.LEASE_LOST, job.attempts
                     msg = (
                         f"{reason} while running this job (attempt {job.attempts} of "
                         f"{job.max_attempts}); it was not retried again."
                     )
-                    code = 5000
+                    code, values = 5000, {}
                 else:  # re-queued: it keeps its history but is not an error (yet)
-                    msg, code = f"{reason}; the job was queued again.", 0
-                new = self._transition(c, job, Event.LEASE_LOST, owner=job.lease_owner, error=msg, code=code)
+                    event, attempts = Event.LEASE_LOST, job.attempts
+                    msg, code, values = f"{reason}; the job was queued again.", 0, {}
+                new = self._transition(c, job, event, owner=job.lease_owner, error=msg, code=code, **values)
                 if new is not None:
+                    released.append(
+                        ReleasedJob(
+                            id=job.id,
+                            status=new,
+                            attempts=attempts,
+                            max_attempts=job.max_attempts,
+                            error=msg,
+                            counted=not graceful,
+                        )
+                    )
+        return released
+
+    def expire_leases(self, now: float | None = None) -> list[str]:
+        return [r.id for r in self._lose_leases(LEASE_EXPIRED, expired_before=now or time.time())]
+
+    def release_worker(self, worker_id: str, reason: str, *, graceful: bool = False) -> list[ReleasedJob]:
+        return self._lose_leases(reason, graceful=graceful, owner=worker_id)
+
+    def extend_leases(self, lease_seconds: float) -> list[str]:
+        ids: list[str] = []
+        with self._transaction() as c:
+            until = time.time() + lease_seconds
+            for job in self._fetch_leased(c, expired_before=until):
+                if job.lease_owner and self._extend_lease(c, job.id, job.lease_owner, until, None):
                     ids.append(job.id)
         return ids
 
-    def expire_leases(self, now: float | None = None) -> list[str]:
-        return self._lose_leases(LEASE_EXPIRED, expired_before=now or time.time())
-
-    def release_worker(self, worker_id: str, reason: str) -> list[str]:
-        return self._lose_leases(reason, owner=worker_id)
+    def fail_queued(self, *, code: int, error: str) -> list[str]:
+        failed: list[str] = []
+        with self._transaction() as c:
+            # In claim order, whether or not a retry delay holds the job back.
+            while (job := self._fetch_next_claimable(c, float("inf"))) is not None:
+                if self._transition(c, job, Event.FAIL, error=error, code=code) is None:
+                    break  # cannot happen inside the write lock; never loop on one row
+                failed.append(job.id)
+        return failed
 
     def queue_depth(self) -> int:
         with self._session() as c:
@@ -302,21 +357,64 @@ class TransactionalJobStore(JobStore, Generic[C]):
             return self._count_queued(c, ahead_of=job)
 
     # Webhook outbox --------------------------------------------------------------------------
-    def due_webhooks(self, now: float, limit: int = 20, lease_seconds: float = 30.0) -> list[WebhookDelivery]:
-        """Due deliveries, each claimed for `lease_seconds` (its next attempt time is moved on)
-        so two dispatchers never post the same event at once."""
+    def due_webhooks(
+        self,
+        now: float,
+        limit: int = 20,
+        lease_seconds: float = 30.0,
+        *,
+        accept: Callable[[WebhookDelivery], bool] | None = None,
+    ) -> list[WebhookDelivery]:
+        """Each delivery gets its own claim token, so two dispatchers never post the same event
+        while a claim is held, and only the holder records the result. The claim also moves the
+        row's next attempt to the claim's expiry, which is all a dispatcher of a release before
+        schema version 4 looks at: it leaves a claimed row alone too."""
+        if limit <= 0:
+            return []
+        until = now + lease_seconds
+        claimed: list[WebhookDelivery] = []
         with self._transaction() as c:
-            return self._claim_outbox(c, now, limit, now + lease_seconds)
+            rows = self._due_outbox(c, now)
+            try:
+                for d in rows:
+                    if accept is None or accept(d):
+                        claimed.append(d)
+                        if len(claimed) >= limit:
+                            break
+            finally:
+                close = getattr(rows, "close", None)
+                if close is not None:
+                    close()
+            for d in claimed:
+                d.claim, d.claim_expires = secrets.token_hex(16), until
+                self._claim_outbox_row(c, d.event_id, d.claim, until)
+        return claimed
+
+    def renew_webhook_claims(self, claims: dict[str, str], lease_seconds: float) -> set[str]:
+        if not claims:
+            return set()
+        until = time.time() + lease_seconds
+        with self._transaction() as c:
+            held = (e for e, token in claims.items() if self._claim_outbox_row(c, e, token, until, holder=token))
+            return set(held)
 
     def webhook_attempted(
-        self, event_id: str, *, delivered: bool, error: str, next_attempt_at: float | None
-    ) -> None:
+        self,
+        event_id: str,
+        *,
+        claim: str,
+        delivered: bool,
+        error: str,
+        next_attempt_at: float | None,
+        status_code: int | None = None,
+    ) -> bool:
         now = time.time()
+        values: dict[str, Any] = {"last_status": status_code}
         if delivered:
-            values: dict[str, Any] = {"delivered_at": now, "last_error": ""}
+            values.update(delivered_at=now, last_error="")
         elif next_attempt_at is None:
-            values = {"gave_up_at": now, "last_error": error}
+            values.update(gave_up_at=now, last_error=error)
         else:
-            values = {"next_attempt_at": next_attempt_at, "last_error": error}
+            values.update(next_attempt_at=next_attempt_at, last_error=error)
         with self._session() as c:
-            self._update_outbox(c, event_id, values)
+            return self._update_outbox_if_claimed(c, event_id, claim, values)

@@ -7,6 +7,9 @@
        rows record only the event, and the dispatcher builds the body from the job row when it
        delivers. Rows written before keep their body and are delivered with it, so an event
        half-delivered by an older release is still deliverable, with the bytes it was signed with.
+    4  webhook_outbox.claim_token and claim_expires: each delivery is claimed on its own, and only
+       the claim's holder records its result; last_status: the receiver's last HTTP answer (a
+       410 that ended a delivery shows there). Added as NULLs: no row is under a claim yet.
 
 Releases before versioning left user_version at 0 with their tables in place; every step
 inspects the columns it changes, so running all steps on such a database brings it up from
@@ -27,7 +30,7 @@ from collections.abc import Callable
 
 log = logging.getLogger("wan_vace.store")
 
-CURRENT = 3
+CURRENT = 4
 
 # Version 1 exactly as 8d9fe02 wrote it. IF NOT EXISTS also fills in the tables that a crash in
 # the middle of that release's (non-transactional) schema script could have left missing.
@@ -139,7 +142,14 @@ def _to_v3(c: sqlite3.Connection) -> None:
         _run(c, _V3_OUTBOX)
 
 
-_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_v1, 2: _to_v2, 3: _to_v3}
+def _to_v4(c: sqlite3.Connection) -> None:
+    have = _columns(c, "webhook_outbox")
+    for name, decl in (("claim_token", "TEXT"), ("claim_expires", "REAL"), ("last_status", "INTEGER")):
+        if name not in have:
+            c.execute(f"ALTER TABLE webhook_outbox ADD COLUMN {name} {decl}")
+
+
+_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_v1, 2: _to_v2, 3: _to_v3, 4: _to_v4}
 assert sorted(_STEPS) == list(range(1, CURRENT + 1))
 
 

@@ -2,15 +2,24 @@
 
 The rules live in `server.store.base`; this module only says them in SQL. WAL lets the API
 process read while a worker process writes. Every write transaction is a short `BEGIN
-IMMEDIATE` (one writer at a time, no lock-upgrade deadlocks) on a fresh connection, so the
-store is safe to share between threads and processes. The schema and its migrations, run at
-open, are in server/store/migrations.py.
+IMMEDIATE` (one writer at a time, no lock-upgrade deadlocks), so the store is safe to share
+between threads and processes. The schema and its migrations, run at open, are in
+server/store/migrations.py.
+
+Connections: one per thread, opened on first use and kept (recreated when it breaks). A kept
+connection keeps the -wal and -shm files open, so reads (polls, /health) go on working on a full
+disk, where SQLite could not create those files for a new connection. A call that fails because
+the disk is full or failing (SQLITE_FULL, SQLITE_IOERR, SQLITE_CANTOPEN) raises
+`StoreUnavailable`, which the API answers with 507 and workers retry.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from server.kernel.jobstate import State
-from server.store import Job, WebhookDelivery, WorkerInfo
+from server.store import Job, StoreUnavailable, WebhookDelivery, WorkerInfo
 from server.store.base import TransactionalJobStore
 from server.store.migrations import migrate
 
@@ -28,6 +37,27 @@ _JSON_COLUMNS = {"input", "outputs", "has_nsfw", "extra"}
 # The claim order; queue positions count in the same order.
 _QUEUED = "status = 'created'"
 _CLAIM_ORDER = "ORDER BY created_at, id"
+# An outbox row still to deliver (neither delivered nor given up).
+_PENDING = "delivered_at IS NULL AND gave_up_at IS NULL"
+
+
+log = logging.getLogger("wan_vace.store")
+
+# Primary result codes (the low byte of an extended code) that mean the disk is full or failing,
+# not that the call was wrong: the same call succeeds once space is freed.
+_SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 10, 13, 14
+
+
+def _unavailable(e: sqlite3.Error) -> StoreUnavailable | None:
+    """The StoreUnavailable an SQLite error stands for, or None for any other error."""
+    code = getattr(e, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    text = str(e).lower()
+    if primary == _SQLITE_FULL or "database or disk is full" in text:
+        return StoreUnavailable(f"the job store's disk is full ({e})")
+    if primary in (_SQLITE_IOERR, _SQLITE_CANTOPEN) or "disk i/o error" in text or "unable to open" in text:
+        return StoreUnavailable(f"the job store cannot write to its disk, which may be full ({e})")
+    return None
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
@@ -48,32 +78,94 @@ def _encode(values: dict[str, Any]) -> dict[str, Any]:
 class SqliteJobStore(TransactionalJobStore[sqlite3.Connection]):
     def __init__(self, path: str | Path):
         self.path = str(path)
+        self._local = threading.local()
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        with self._session() as c:
-            c.execute("PRAGMA journal_mode=WAL")  # not allowed inside a transaction
-            migrate(c, self.path)
+        conn = self._connect()
+        try:  # errors here are raised as they are: a store that cannot open is not transient
+            conn.execute("PRAGMA journal_mode=WAL")  # not allowed inside a transaction
+            migrate(conn, self.path)
+        except BaseException:
+            conn.close()
+            raise
+        self._local.conn, self._local.pid = conn, os.getpid()  # this thread's, from now on
 
-    @contextmanager
-    def _session(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA busy_timeout=30000")
         conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use (again in a forked child, or once the
+        kept one was closed)."""
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is not None:
+            try:
+                conn.total_changes  # noqa: B018 - raises on a closed connection
+            except sqlite3.ProgrammingError:
+                conn = None
+        if conn is None or local.pid != os.getpid():
+            conn = self._connect()
+            local.conn, local.pid = conn, os.getpid()
+        return conn
+
+    def _drop(self) -> None:
+        """Forget this thread's connection (the next call opens a new one)."""
+        conn, self._local.conn = getattr(self._local, "conn", None), None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def _recover(self, conn: sqlite3.Connection) -> None:
+        """After a failed call: end what is left of its transaction; a connection that cannot
+        even do that, or answer a trivial query, is broken and replaced."""
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            conn.execute("SELECT 1").fetchone()
+        except sqlite3.Error:
+            log.warning("job store %s: connection broken; a new one is opened", self.path)
+            self._drop()
+
+    @contextmanager
+    def _session(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = self._conn()
+        except sqlite3.Error as e:
+            self._drop()
+            self._raise_if_unavailable(e)
+            raise
         try:
             yield conn
-        finally:
-            conn.close()
+        except sqlite3.Error as e:
+            self._recover(conn)
+            self._raise_if_unavailable(e)
+            raise
+        except BaseException:
+            self._recover(conn)
+            raise
+
+    def _raise_if_unavailable(self, e: sqlite3.Error) -> None:
+        """Raise StoreUnavailable (remembered for /health) if `e` means a full or failing disk."""
+        unavailable = _unavailable(e)
+        if unavailable is not None:
+            self.write_error = unavailable
+            raise unavailable from e
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._session() as conn:
+            before = conn.total_changes
             conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            yield conn  # an error rolls back (the session's recovery)
+            conn.execute("COMMIT")  # a failed commit too
+            wrote = conn.total_changes > before
+        if wrote:  # the disk takes writes again (a transaction that changed nothing proves nothing)
+            self.write_error = None
 
     # Job rows --------------------------------------------------------------------------------
     def _fetch_job(self, c: sqlite3.Connection, job_id: str) -> Job | None:
@@ -163,25 +255,44 @@ class SqliteJobStore(TransactionalJobStore[sqlite3.Connection]):
             (event_id, job_id, url, status.value, next_attempt_at),
         )
 
-    def _claim_outbox(
-        self, c: sqlite3.Connection, now: float, limit: int, until: float
-    ) -> list[WebhookDelivery]:
-        rows = c.execute(
-            "SELECT event_id, job_id, url, status, body, attempts, next_attempt_at FROM webhook_outbox"
-            " WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_attempt_at <= ?"
-            " ORDER BY next_attempt_at LIMIT ?",
-            (now, limit),
-        ).fetchall()
-        for r in rows:
-            c.execute("UPDATE webhook_outbox SET next_attempt_at = ? WHERE event_id = ?", (until, r["event_id"]))
-        return [WebhookDelivery(**dict(r)) for r in rows]
-
-    def _update_outbox(self, c: sqlite3.Connection, event_id: str, values: dict[str, Any]) -> None:
-        sets = ", ".join(f"{k} = ?" for k in values)
-        c.execute(
-            f"UPDATE webhook_outbox SET attempts = attempts + 1, {sets} WHERE event_id = ?",
-            [*values.values(), event_id],
+    def _due_outbox(self, c: sqlite3.Connection, now: float) -> Iterator[WebhookDelivery]:
+        # BEGIN IMMEDIATE already excludes other claimers: no row lock needed.
+        cur = c.execute(
+            "SELECT event_id, job_id, url, status, body, attempts, next_attempt_at, last_status"
+            f" FROM webhook_outbox WHERE {_PENDING} AND next_attempt_at <= ?"
+            " AND (claim_expires IS NULL OR claim_expires <= ?) ORDER BY next_attempt_at, event_id",
+            (now, now),
         )
+        try:
+            for r in cur:
+                yield WebhookDelivery(**dict(r))
+        finally:
+            cur.close()
+
+    def _claim_outbox_row(
+        self, c: sqlite3.Connection, event_id: str, token: str, until: float, *, holder: str | None = None
+    ) -> bool:
+        where, params = f"event_id = ? AND {_PENDING}", [token, until, until, event_id]
+        if holder is not None:
+            where += " AND claim_token = ?"
+            params.append(holder)
+        cur = c.execute(
+            "UPDATE webhook_outbox SET claim_token = ?, claim_expires = ?, next_attempt_at = ?"
+            f" WHERE {where}",
+            params,
+        )
+        return cur.rowcount == 1
+
+    def _update_outbox_if_claimed(
+        self, c: sqlite3.Connection, event_id: str, token: str, values: dict[str, Any]
+    ) -> bool:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        cur = c.execute(
+            f"UPDATE webhook_outbox SET attempts = attempts + 1, claim_token = NULL, claim_expires = NULL,"
+            f" {sets} WHERE event_id = ? AND claim_token = ? AND {_PENDING}",
+            [*values.values(), event_id, token],
+        )
+        return cur.rowcount == 1
 
     # Plain queries ---------------------------------------------------------------------------
     def count_by_status(self) -> dict[str, int]:

@@ -4,7 +4,8 @@
 - `job`: one job: fetch its media, run it, store the outputs, record the outcome;
 - `fetching`: media inputs by URL, or from our own storage for our own URLs;
 - `supervision`: the API process's side: spawn local workers, restart the dead, hand their
-  jobs back, expire leases.
+  jobs back, expire leases, fail queued jobs no worker can run (after a grace);
+- `retry`: backoff and once-per-outage logging, so a store or disk outage never ends a loop.
 
 A worker receives a runner factory (`server.kernel.runner.RunnerFactory`): the default builds
 the real pipeline (`default_runner_factory`, which imports `pipelines` in the worker process

@@ -3,8 +3,23 @@
 Workers are spawned, never forked (a forked child would inherit the API's threads and sockets,
 and CUDA cannot be initialised in a fork). A worker that dies is restarted; its job is handed
 back at once (re-queued while attempts remain, else failed with a clear error). A worker that
-cannot load its model exits with EXIT_LOAD_FAILED and is not restarted: /health reports why.
+cannot load its model exits with EXIT_LOAD_FAILED and is not restarted: /health reports why. A
+worker that exited 0 stopped gracefully (a signal: it handed its job back itself, uncounted); it
+is restarted unless the server is shutting down meanwhile (Ctrl-C signals server and workers
+together). Workers are spawned with SIGINT and SIGTERM blocked until their handlers are in place,
+so no signal can kill one mid-start with a traceback.
 The supervisor also expires leases of workers anywhere (another machine, an earlier run).
+
+A store outage (a full disk) never ends the supervisor thread: a tick whose store call fails is
+tried again with backoff (0.5 s doubling to 10 s), the outage logged once. Once the store
+answers, every running job first gets a fresh lease (no worker could renew during the outage),
+then expiry goes on (a lease is expired 3 s after it ran out, so an outage that ends just
+after one ran out leaves its worker time to renew it). A worker that died of the outage (EXIT_STORE_UNAVAILABLE), or
+quickly while the store was failing, does not count towards the crash-loop limit.
+
+When every local worker is given up (`failed_reason`) and no worker anywhere is live, queued
+jobs would wait forever: after `unservable_grace` seconds the supervisor fails them (code 5003,
+the reason in the message), and keeps failing jobs queued later while that lasts.
 """
 
 from __future__ import annotations
@@ -12,22 +27,55 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing import resource_tracker
 from typing import Any
 
-from server.settings import Settings
-from server.store import JobStore, WorkerInfo
+from server.capacity import STALE_S
+from server.kernel.errors import CODE_UNAVAILABLE
 from server.kernel.ids import new_worker_id
 from server.kernel.runner import RunnerFactory
-from server.worker.loop import EXIT_LOAD_FAILED, worker_main
+from server.settings import Settings
+from server.store import JobStore, WorkerInfo
+from server.worker.job import remove_work_dirs
+from server.worker.loop import EXIT_LOAD_FAILED, EXIT_STORE_UNAVAILABLE, worker_main
+from server.worker.retry import Backoff, Outage
 
 log = logging.getLogger("wan_vace.supervisor")
 
 # A worker that dies this soon after starting, this many times in a row, is crash-looping.
 _FAST_DEATH_S = 20.0
 _MAX_FAST_DEATHS = 5
+# A worker that stopped gracefully (exit 0) is restarted after this long unless the server
+# stops meanwhile: a Ctrl-C reaches the workers a moment before uvicorn stops the supervisor.
+_CLEAN_EXIT_GRACE_S = 3.0
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+# A lease is expired this long after it ran out, not at once: a store outage that ends just
+# after a lease ran out (no worker could renew meanwhile) leaves its worker, which renews every
+# second, time to renew. An outage longer than this made an expiry attempt fail, and the leases
+# are renewed before any expires (`_forgive`).
+_EXPIRY_GRACE_S = 3.0
+
+
+@contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Block SIGINT and SIGTERM in this thread while a child is started: the child inherits the
+    mask and unblocks them once its handlers are installed (server.worker.loop.install_sigterm),
+    so a signal sent meanwhile is handled, not fatal. A signal for this process stays pending
+    the few milliseconds the block lasts."""
+    # Starting multiprocessing's resource tracker unblocks these signals after spawning it, so
+    # start it first (a no-op once it runs); then the block lasts until the worker is spawned.
+    resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -37,7 +85,14 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A killed worker whose server died too is nobody's child until init reaps it, and a
+    # container's init may never do so: a zombie is dead.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 class _Slot:
@@ -47,6 +102,9 @@ class _Slot:
         self.started = 0.0
         self.fast_deaths = 0
         self.given_up = False
+        self.restart_at: float | None = None  # monotonic time to start a dead worker's successor
+        self.released: list[Any] | None = None  # a dead worker's jobs, once handed back
+        self.store_backoff = Backoff()  # restarts of a worker that could not open the store
 
 
 class Supervisor:
@@ -62,12 +120,23 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ctx = mp.get_context("spawn")
+        self.outage = Outage("supervisor", log)
+        self._backoff = Backoff()
+        self._next_try = 0.0  # monotonic: no tick before this after a failed one
+        self._recovered = False  # the earlier run's dead workers were handed back
+        self._forgive = False  # a store call failed: renew every lease before expiring any
+        self._last_expire = 0.0
+        self._unservable_since: float | None = None
 
     def owns_host(self, host: str) -> bool:
         return host == self.host
 
     def start(self) -> None:
-        self._recover_from_earlier_run()
+        try:
+            self._recover_from_earlier_run()
+            self._recovered = True
+        except Exception as e:  # the store is down at start: the loop tries again
+            self._tick_failed(e)
         for slot in self.slots:
             self._spawn(slot)
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
@@ -75,64 +144,149 @@ class Supervisor:
 
     def _recover_from_earlier_run(self) -> None:
         """Workers of an earlier run of this server on this host whose process is gone: hand
-        their jobs back now instead of waiting for the leases to run out."""
+        their jobs back now instead of waiting for the leases to run out. (A worker stopped
+        gracefully handed its jobs back itself and is marked stopped: nothing to do.) The
+        process died with its job, so the claim counts as an attempt."""
         for w in self.store.workers():
             if w.host == self.host and w.state != "stopped" and not _pid_alive(w.pid):
-                ids = self.store.release_worker(w.id, "The server restarted")
-                if ids:
-                    log.info("re-queued %d job(s) of a worker from an earlier run", len(ids))
+                for r in self.store.release_worker(w.id, "The server restarted"):
+                    log.info("worker %s from an earlier run: %s", w.id, r.describe())
                 w.state, w.reason = "stopped", "gone after a restart"
                 self.store.upsert_worker(w)
 
     def _spawn(self, slot: _Slot) -> None:
         slot.worker_id = new_worker_id()
+        slot.released = None
         slot.proc = self._ctx.Process(
             target=worker_main,
             args=(self.s.model_dump_json(), slot.worker_id, os.getpid(), self.runner_factory),
             name=f"wan-vace-worker-{slot.worker_id}",
             daemon=True,
         )
-        slot.proc.start()
+        with _stop_signals_blocked():
+            slot.proc.start()
         slot.started = time.monotonic()
         log.info("started worker %s (pid %s)", slot.worker_id, slot.proc.pid)
 
     def _loop(self) -> None:
-        last_expire = 0.0
         while not self._stop.wait(0.5):
-            for slot in self.slots:
-                if slot.given_up or slot.proc is None or slot.proc.is_alive():
-                    continue
-                self._on_death(slot)
-            if time.monotonic() - last_expire > 1.0:
-                last_expire = time.monotonic()
-                try:
-                    ids = self.store.expire_leases()
-                    if ids:
-                        log.warning("lease expired for job(s) %s", ", ".join(ids))
-                except Exception:
-                    log.exception("lease expiry failed")
+            if time.monotonic() < self._next_try:
+                continue
+            try:
+                self._tick()
+            except Exception as e:  # never the end of this thread: restarts and expiry need it
+                self._tick_failed(e)
+            else:
+                self._backoff.reset()
+                self.outage.ok()
+
+    def _tick_failed(self, e: Exception) -> None:
+        self.outage.failed(e)  # logged once per outage
+        self._forgive = True
+        self._next_try = time.monotonic() + self._backoff.next()
+
+    def _tick(self) -> None:
+        """One round: hand back and restart dead workers, renew or expire leases, fail queued
+        jobs no worker can run. Each step can be run again after a failure."""
+        if not self._recovered:
+            self._recover_from_earlier_run()
+            self._recovered = True
+        for slot in self.slots:
+            if slot.given_up or slot.proc is None or slot.proc.is_alive():
+                continue
+            if slot.restart_at is None:
+                self._on_death(slot)  # gives up, or sets when to restart
+            if slot.restart_at is not None and time.monotonic() >= slot.restart_at:
+                if self._stop.is_set():
+                    break
+                self._spawn(slot)
+                slot.restart_at = None  # after the spawn: a failed one is tried again
+        if self._forgive:
+            # The store failed us, so it failed the workers too: none could renew a lease. Give
+            # every running job a fresh one before expiring any (a live worker renews at once).
+            ids = self.store.extend_leases(self.s.lease_seconds)
+            if ids:
+                log.warning("after the store outage: renewed the lease of job(s) %s", ", ".join(ids))
+            self._forgive = False
+            self._last_expire = time.monotonic()
+        elif time.monotonic() - self._last_expire > 1.0:
+            self._last_expire = time.monotonic()
+            ids = self.store.expire_leases(time.time() - _EXPIRY_GRACE_S)
+            if ids:
+                log.warning("lease expired for job(s) %s", ", ".join(ids))
+        self._fail_unservable()
+
+    def _unservable_reason(self) -> str:
+        """Why no worker can run queued jobs ("" while one may): every local worker was given
+        up, and no worker anywhere (another machine's) is live."""
+        if not self.slots or not self.failed_reason or not all(s.given_up for s in self.slots):
+            return ""
+        now, live_s = time.time(), max(STALE_S, self.s.lease_seconds)
+        for w in self.store.workers():
+            if w.state in ("starting", "loading", "ready", "busy") and now - w.heartbeat_at < live_s:
+                return ""
+        return self.failed_reason
+
+    def _fail_unservable(self) -> None:
+        reason = self._unservable_reason()
+        if not reason:
+            self._unservable_since = None
+            return
+        now = time.monotonic()
+        if self._unservable_since is None:
+            self._unservable_since = now
+        if now - self._unservable_since < self.s.unservable_grace:
+            return
+        error = f"No worker can run jobs on this server: {reason}"
+        ids = self.store.fail_queued(code=CODE_UNAVAILABLE, error=error)
+        if ids:
+            log.warning("failed %d queued job(s) (%s): %s", len(ids), ", ".join(ids), error)
 
     def _on_death(self, slot: _Slot) -> None:
+        """Hand a dead worker's jobs back, then give up on its slot or say when to restart it.
+        Run again from the start when a store call in it fails (the hand-back is kept)."""
         code = slot.proc.exitcode
+        # A graceful stop handed its job back before exiting; a job still held here was not
+        # handed back (a crash, or a job that exited the process): its attempt counts.
         reason = f"The worker process exited unexpectedly (exit code {code})"
-        ids = self.store.release_worker(slot.worker_id, reason)
-        log.warning("worker %s died (exit code %s); handed back job(s) %s", slot.worker_id, code, ids)
+        if slot.released is None:
+            slot.released = self.store.release_worker(slot.worker_id, reason)
+            remove_work_dirs(slot.worker_id)
+            if code != 0 or slot.released:
+                what = "; ".join(r.describe() for r in slot.released) or "it held no job"
+                log.warning("worker %s died (exit code %s): %s", slot.worker_id, code, what)
+        released = slot.released
+        if code == 0 and not released:  # stopped gracefully (a signal)
+            log.info("worker %s stopped (exit code 0)", slot.worker_id)
+            slot.fast_deaths = 0
+            # Restarted unless the server stops meanwhile (Ctrl-C reaches both at once).
+            slot.restart_at = time.monotonic() + _CLEAN_EXIT_GRACE_S
+            return
+        if code == EXIT_STORE_UNAVAILABLE:  # an outage, not a crash: not counted
+            self._mark_stopped(slot.worker_id, "could not open the job store")
+            delay = slot.store_backoff.next()
+            log.warning("worker %s could not open the store; restarting it in %.1f s", slot.worker_id, delay)
+            slot.restart_at = time.monotonic() + delay
+            return
         if code == EXIT_LOAD_FAILED:
             slot.given_up = True
             row = next((w for w in self.store.workers() if w.id == slot.worker_id), None)
             self.failed_reason = row.reason if row else "the worker could not load the model"
             return
         self._mark_stopped(slot.worker_id, reason)
-        if time.monotonic() - slot.started < _FAST_DEATH_S:
+        slot.store_backoff.reset()
+        # A worker that died while the store was failing may have died of it: not counted.
+        during_outage = self.outage.last_failure >= slot.started
+        if time.monotonic() - slot.started < _FAST_DEATH_S and not during_outage:
             slot.fast_deaths += 1
-        else:
+        elif not during_outage:
             slot.fast_deaths = 0
         if slot.fast_deaths >= _MAX_FAST_DEATHS:
             slot.given_up = True
             self.failed_reason = f"worker crashed {slot.fast_deaths} times in a row right after starting"
             return
-        time.sleep(min(2.0 ** (slot.fast_deaths - 1), 10.0) if slot.fast_deaths else 0)
-        self._spawn(slot)
+        delay = min(2.0 ** (slot.fast_deaths - 1), 10.0) if slot.fast_deaths else 0.0
+        slot.restart_at = time.monotonic() + delay
 
     def _mark_stopped(self, worker_id: str, reason: str) -> None:
         row = next((w for w in self.store.workers() if w.id == worker_id), None)

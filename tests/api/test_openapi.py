@@ -13,6 +13,7 @@ from server.schemas import request_schema
 from server.settings import MODEL_ID, Settings
 
 PUBLIC = {
+    ("get", "/"),  # the links page
     ("get", "/health"),
     ("get", "/health/ready"),
     ("get", "/media/{key}"),

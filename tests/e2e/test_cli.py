@@ -4,8 +4,10 @@ flags, their settings and which wins (`--version`, `--host`, `--port`, `--log-le
 
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 
+import httpx
 import pytest
 import uvicorn
 
@@ -45,9 +47,15 @@ def test_missing_weights_fail_health_with_the_fetch_command(tmp_path):
     try:
         h = srv.wait_health({"failed"}, timeout=90)
         assert "wan2.1-vace-14b" in h["reason"] and "fetch_weights.py" in h["reason"]
-        # The API still answers and keeps accepting jobs while no worker can run them.
+        # The API still answers, and refuses jobs no worker can run instead of queueing them
+        # forever (an SDK's run() would wait forever): 503 with the reason.
         with srv.client() as c:
-            assert c.post("/api/v3/wavespeed-ai/wan-2.1-14b-vace", json={"prompt": "x"}).status_code == 200
+            assert c.get("/api/v3/models").status_code == 200
+            r = c.post("/api/v3/wavespeed-ai/wan-2.1-14b-vace", json={"prompt": "x"})
+            assert r.status_code == 503 and r.headers["retry-after"] == "30"
+            msg = r.json()["message"]
+            assert msg.startswith("No worker can run jobs on this server: could not load model")
+            assert "fetch_weights.py" in msg
     finally:
         srv.stop()
 
@@ -108,3 +116,29 @@ def test_worker_takes_log_level_and_bad_values_are_usage_errors(monkeypatch, tmp
     with pytest.raises(SystemExit) as ei:
         cli.main(["worker", "--data-dir", str(tmp_path)])
     assert ei.value.code == 2 and "log_level" in capsys.readouterr().err
+
+
+def test_jobs_queued_before_the_model_failed_are_failed_after_the_grace(tmp_path):
+    # Submitted while the worker is still starting (accepted: it may yet load), then the load
+    # fails: after WAN_VACE_UNSERVABLE_GRACE the queued job ends failed with the reason, 5003.
+    srv = ServerProcess(tmp_path, model="wan2.1-vace-14b", WAN_VACE_UNSERVABLE_GRACE="1").start(
+        wait_ready=False
+    )
+    try:
+        with srv.client() as c:
+            deadline = time.monotonic() + 60
+            while True:  # the API answers before the worker has failed
+                try:
+                    r = c.post("/api/v3/wavespeed-ai/wan-2.1-14b-vace", json={"prompt": "x"})
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+            # The worker imports torch before it can find the weights missing (seconds), so the
+            # first answer comes while it is still starting.
+            assert r.status_code == 200, r.text
+            d = wait_terminal(c, r.json()["data"]["id"], timeout=120)
+            assert d["status"] == "failed" and d["code"] == 5003
+            assert d["error"].startswith("No worker can run jobs on this server: could not load model")
+    finally:
+        srv.stop()

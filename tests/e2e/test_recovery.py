@@ -1,4 +1,5 @@
-"""Nothing accepted is lost: a killed worker, a killed server, a restart."""
+"""Nothing accepted is lost: a killed worker, a killed server, a restart; a graceful stop
+(Ctrl-C, SIGTERM) costs no attempt."""
 
 import os
 import signal
@@ -75,6 +76,8 @@ def test_server_killed_with_jobs_queued_all_finish_after_restart(tmp_path):
         with srv2.client() as c:
             results = [wait_terminal(c, j, timeout=180) for j in ids]
         assert [r["status"] for r in results] == ["completed"] * 4, results
+        # The parent's exit is no crash of the job: handed back uncounted, one claim counts.
+        assert results[0]["attempts"] == 1, results[0]
     finally:
         srv2.stop()
 
@@ -92,5 +95,41 @@ def test_whole_process_group_killed_then_restart(tmp_path):
             results = [wait_terminal(c, j, timeout=180) for j in ids]
         assert [r["status"] for r in results] == ["completed"] * 2, results
         assert results[0]["attempts"] == 2
+        # The start-up log says what became of the dead worker's job.
+        log = srv2.log_path.read_text(errors="replace")
+        assert f"from an earlier run: re-queued job {ids[0]} (attempt 1 of 2)" in log, log[-6000:]
     finally:
         srv2.stop()
+
+
+def test_ctrl_c_twice_mid_job_costs_no_attempt(tmp_path):
+    """Ctrl-C reaches the whole process group (the API and its workers) at once. Twice, while a
+    job runs, restarting each time: each stop hands the job back uncounted, with no progress
+    and no traceback, and the third run completes it. attempts == 1: of the three claims, the
+    two handed back gracefully were given back, and only the run that completed counts."""
+    from server.store.sqlite import SqliteJobStore
+
+    srv = ServerProcess(tmp_path).start()
+    with srv.client() as c:
+        jid = c.post(f"/api/v3/{MODEL}", json=SLOW).json()["data"]["id"]
+    try:
+        for _ in range(2):
+            with srv.client() as c:
+                _wait_processing(c, jid)
+            srv.stop(signal.SIGINT)  # what the terminal does on Ctrl-C
+            assert srv.proc.returncode == 0, srv.log()
+            job = SqliteJobStore(tmp_path / "jobs.sqlite3").get(jid)
+            assert (job.status.value, job.attempts, job.progress, job.code) == ("created", 0, 0.0, 0), job
+            assert job.error == "The worker was stopped (server shutdown); the job was queued again."
+            srv = ServerProcess(tmp_path, port=srv.port).start()
+        with srv.client() as c:
+            d = wait_terminal(c, jid, timeout=60)
+        assert d["status"] == "completed", d
+        assert d["attempts"] == 1, d
+    finally:
+        srv.stop()
+    log = srv.log_path.read_text(errors="replace")  # all three runs (same port, same file)
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-6000:]
+    assert "leaked semaphore" not in log, log[-6000:]
+    assert log.count("re-queued job " + jid + " (attempt not counted; 0 of 2 used)") == 2, log[-6000:]
+    assert "from an earlier run" not in log  # the workers handed back themselves: nothing to recover

@@ -73,6 +73,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             except (BrokenPipeError, ConnectionResetError):
                 pass
             self.close_connection = True
+        elif url.path == "/drip":  # a byte every `s` seconds, `n` bytes, forever by default
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp4")
+            self.end_headers()
+            try:
+                for _ in range(int(q.get("n", "1000000"))):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(float(q.get("s", "0.2")))
+            except (BrokenPipeError, ConnectionResetError):
+                pass
         elif url.path == "/slow":
             time.sleep(float(q.get("s", "2")))
             try:
@@ -226,7 +237,7 @@ def test_url_containing_a_retry_marker_is_not_echoed(srv):
 
 
 def test_streaming_cap_without_content_length(srv):
-    policy = FetchPolicy(max_bytes=100_000, timeout_s=5.0, allow_private=True)
+    policy = FetchPolicy(max_bytes=100 * 2**10, timeout_s=5.0, allow_private=True)
     with pytest.raises(MediaAccessError) as ei:
         fetch_media(srv.base + "/chunked?n=64", "video", policy)  # 1 MiB, chunked
     assert ei.value.message == "video: larger than the 100 kB limit"
@@ -235,10 +246,23 @@ def test_streaming_cap_without_content_length(srv):
 
 
 def test_content_length_over_cap_refused_up_front(srv):
-    policy = FetchPolicy(max_bytes=100_000_000, timeout_s=5.0, allow_private=True)
+    policy = FetchPolicy(max_bytes=100 * 2**20, timeout_s=5.0, allow_private=True)
     with pytest.raises(MediaAccessError) as ei:
         fetch_media(srv.base + "/declared-huge", "video", policy)
+    # The settings' 100 MB (100 * 2**20, WAN_VACE_MAX_VIDEO_BYTES) reads as the README says.
     assert ei.value.message == "video: larger than the 100 MB limit"
+
+
+def test_a_host_that_drips_fails_within_the_fetch_setting_and_is_not_retried(srv):
+    policy = FetchPolicy(max_bytes=10**6, timeout_s=1.0, allow_private=True)
+    started = time.monotonic()
+    with pytest.raises(MediaAccessError) as ei:
+        fetch_media(srv.base + "/drip?s=0.2", "video", policy)
+    took = time.monotonic() - started
+    assert 1.0 <= took < 1.6  # the setting, not ten times it
+    assert not ei.value.retryable  # a retry would hold the worker as long again
+    assert ei.value.message.endswith("took longer than the 1 s download limit")
+    _assert_no_retry_markers(ei.value.message)
 
 
 def test_read_timeout_is_retryable(srv):
@@ -405,8 +429,8 @@ def test_data_uri_malformed():
 
 
 def test_data_uri_size_cap():
-    policy = FetchPolicy(max_bytes=1000)
-    url = "data:video/mp4;base64," + base64.b64encode(b"\0" * 1001).decode()
+    policy = FetchPolicy(max_bytes=1024)
+    url = "data:video/mp4;base64," + base64.b64encode(b"\0" * 1025).decode()
     with pytest.raises(MediaAccessError, match=r"^video: larger than the 1 kB limit$"):
         fetch_media(url, "video", policy)
     big = "data:video/mp4;base64," + "A" * 10_000  # refused before decoding
@@ -415,7 +439,7 @@ def test_data_uri_size_cap():
     url_ok = "data:video/mp4;base64," + base64.b64encode(b"\0" * 1000).decode()
     assert len(fetch_media(url_ok, "video", policy)) == 1000
     with pytest.raises(MediaAccessError, match="larger than"):
-        fetch_media("data:," + "%41" * 1001, "video", policy)
+        fetch_media("data:," + "%41" * 1025, "video", policy)
 
 
 def test_one_data_uri_decoder_for_fetch_and_submit():

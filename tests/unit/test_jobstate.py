@@ -16,6 +16,7 @@ def test_happy_path():
         (State.CREATED, Event.FAIL, State.FAILED),
         (State.PROCESSING, Event.FAIL, State.FAILED),
         (State.PROCESSING, Event.CANCEL, State.CANCELLED),
+        (State.PROCESSING, Event.HAND_BACK, State.CREATED),
     ],
 )
 def test_legal(state, event, expected):
@@ -42,6 +43,17 @@ def test_lost_lease_requeues_while_attempts_remain():
     assert next_state(State.PROCESSING, Event.LEASE_LOST, attempts=1, max_attempts=2) is State.CREATED
     assert next_state(State.PROCESSING, Event.LEASE_LOST, attempts=2, max_attempts=2) is State.FAILED
     assert not allowed(State.CREATED, Event.LEASE_LOST)
+
+
+def test_hand_back_always_requeues():
+    # A graceful stop is not the job's fault: queued again even on its last attempt.
+    for attempts in (0, 1, 2, 5):
+        new = next_state(State.PROCESSING, Event.HAND_BACK, attempts=attempts, max_attempts=2)
+        assert new is State.CREATED
+    assert allowed(State.PROCESSING, Event.HAND_BACK)
+    assert not allowed(State.CREATED, Event.HAND_BACK)
+    with pytest.raises(IllegalTransition):
+        next_state(State.CREATED, Event.HAND_BACK)
 
 
 def test_module_is_pure():

@@ -42,6 +42,9 @@ def test_outbox_row_holds_the_event_not_its_body(store):
         "delivered_at": None,
         "gave_up_at": None,
         "last_error": "",
+        "claim_token": None,  # not claimed yet
+        "claim_expires": None,
+        "last_status": None,
     }
 
 

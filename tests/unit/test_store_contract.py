@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from server.kernel.jobstate import State
-from server.store import IdempotencyConflict, JobStore, NewJob, QueueFull, RenewResult, WorkerInfo
+from server.store import (
+    IdempotencyConflict,
+    JobStore,
+    NewJob,
+    QueueFull,
+    ReleasedJob,
+    RenewResult,
+    WorkerInfo,
+)
 from server.store.sqlite import SqliteJobStore
 
 BACKENDS: dict[str, Callable[[Path], JobStore]] = {
@@ -94,7 +102,7 @@ def test_lost_lease_messages_in_full(store):
     store.create(new("a"))
     store.claim("w1", 300)
     assert store.expire_leases(now=time.time() + 1) == []  # a live lease is not touched
-    assert store.release_worker("w1", "The worker process exited unexpectedly") == ["a"]
+    assert [r.id for r in store.release_worker("w1", "The worker process exited unexpectedly")] == ["a"]
     a = store.get("a")
     assert a.error == "The worker process exited unexpectedly; the job was queued again."
     assert a.lease_owner is None and a.lease_expires is None and a.finished_at is None
@@ -111,9 +119,99 @@ def test_lost_lease_messages_in_full(store):
 def test_release_worker(store):
     store.create(new("a"))
     store.claim("w1", 300)
-    assert store.release_worker("w1", "The worker process exited unexpectedly") == ["a"]
+    assert [r.id for r in store.release_worker("w1", "The worker process exited unexpectedly")] == ["a"]
     assert store.get("a").status is State.CREATED
     assert store.release_worker("w1", "again") == []
+
+
+def test_release_worker_says_what_became_of_each_job(store):
+    store.create(new("a"))
+    store.claim("w1", 300)
+    (r,) = store.release_worker("w1", "The server restarted")
+    assert r == ReleasedJob(
+        id="a", status=State.CREATED, attempts=1, max_attempts=2,
+        error="The server restarted; the job was queued again.", counted=True,
+    )  # fmt: skip
+    assert r.describe() == "re-queued job a (attempt 1 of 2)"
+    store.claim("w2", 300)
+    (r,) = store.release_worker("w2", "The server restarted")
+    assert (r.status, r.attempts, r.counted) == (State.FAILED, 2, True)
+    assert r.describe() == (
+        "failed job a: The server restarted while running this job (attempt 2 of 2);"
+        " it was not retried again."
+    )
+    assert store.get("a").error == r.error
+
+
+def test_graceful_hand_back_gives_the_attempt_back(store):
+    store.create(new("a"))
+    time.sleep(0.002)
+    store.create(new("b"))
+    store.claim("w1", 300)
+    store.claim("w2", 300)
+    assert store.renew("a", "w1", 300, progress=0.15) == RenewResult.OK
+    assert store.renew("b", "w2", 300, progress=0.4) == RenewResult.OK
+    (r,) = store.release_worker("w1", "The worker was stopped (server shutdown)", graceful=True)
+    assert (r.id, r.status, r.attempts, r.max_attempts, r.counted) == ("a", State.CREATED, 0, 2, False)
+    assert r.describe() == "re-queued job a (attempt not counted; 0 of 2 used)"
+    a = store.get("a")
+    assert a.status is State.CREATED and a.attempts == 0 and a.progress == 0.0
+    assert a.error == "The worker was stopped (server shutdown); the job was queued again." and a.code == 0
+    assert a.lease_owner is None and a.lease_expires is None and a.finished_at is None
+    # Its old run writes nothing.
+    assert store.renew("a", "w1", 300, progress=0.5) == RenewResult.LOST
+    assert not store.complete("a", "w1", outputs=["k"], has_nsfw=[], inference_ms=1, seed=None, extra={})
+    # Only the holder's jobs: w2's job runs on untouched.
+    b = store.get("b")
+    assert b.status is State.PROCESSING and b.lease_owner == "w2" and b.attempts == 1 and b.progress == 0.4
+    assert store.release_worker("w1", "again", graceful=True) == []
+    # Claimable at once, and the next claim is attempt 1 again.
+    assert store.claim("w3", 300).id == "a" and store.get("a").attempts == 1
+
+
+def test_graceful_hand_back_on_the_last_attempt_still_requeues(store):
+    store.create(new("a", webhook_url="http://hook"))
+    store.claim("w1", 300)
+    store.release_worker("w1", "The worker process exited unexpectedly")  # a crash: counted
+    assert store.claim("w2", 300).attempts == 2  # the last one
+    (r,) = store.release_worker("w2", "The worker was stopped (server shutdown)", graceful=True)
+    assert (r.status, r.attempts) == (State.CREATED, 1)
+    a = store.get("a")
+    assert a.status is State.CREATED and a.attempts == 1 and a.code == 0
+    assert store.due_webhooks(time.time() + 1) == []  # queued again is no webhook event
+    assert store.claim("w3", 300).attempts == 2
+    assert store.complete("a", "w3", outputs=["k"], has_nsfw=[False], inference_ms=1, seed=None, extra={})
+    assert store.get("a").attempts == 2
+
+
+def test_requeued_jobs_show_no_progress(store):
+    # A lost lease, a dead worker's release and a retryable failure all reset progress to 0
+    # (each job is cancelled after its check, so the next claim takes the next job).
+    store.create(new("a"))
+    store.claim("w1", 0.01)
+    assert store.renew("a", "w1", 0.01, progress=0.15) == RenewResult.OK
+    time.sleep(0.02)
+    assert store.expire_leases() == ["a"]
+    a = store.get("a")
+    assert a.status is State.CREATED and a.progress == 0.0
+    store.cancel("a")
+    store.create(new("b"))
+    store.claim("w2", 300)
+    store.renew("b", "w2", 300, progress=0.7)
+    store.release_worker("w2", "The worker process exited unexpectedly")
+    assert store.get("b").progress == 0.0
+    store.cancel("b")
+    store.create(new("c"))
+    store.claim("w3", 300)
+    store.renew("c", "w3", 300, progress=0.5)
+    assert store.fail("c", "w3", code=1402, error="media timed out", retryable=True) is State.CREATED
+    c = store.get("c")
+    assert c.status is State.CREATED and c.progress == 0.0 and c.attempts == 1
+    # A job that ends keeps the progress it reached.
+    assert store.claim("w3", 300).id == "c"
+    store.renew("c", "w3", 300, progress=0.5)
+    assert store.fail("c", "w3", code=1401, error="bad") is State.FAILED
+    assert store.get("c").progress == 0.5
 
 
 def test_cancel(store):
@@ -209,9 +307,15 @@ def test_terminal_events_fill_the_outbox_once(store):
     # The event only: the dispatcher builds the body from the job when it delivers.
     assert (due[0].job_id, due[0].url, due[0].status, due[0].body) == ("a", "http://hook", "failed", None)
     assert store.due_webhooks(time.time() + 1) == []  # claimed by the first call
-    store.webhook_attempted("a-failed", delivered=False, error="500", next_attempt_at=time.time())
-    assert [d.attempts for d in store.due_webhooks(time.time() + 1)] == [1]
-    store.webhook_attempted("a-failed", delivered=True, error="", next_attempt_at=None)
+    assert store.webhook_attempted(
+        "a-failed", claim=due[0].claim, delivered=False, error="500", next_attempt_at=time.time(),
+        status_code=500,
+    )
+    [again] = store.due_webhooks(time.time() + 1)
+    assert (again.attempts, again.last_status) == (1, 500)
+    assert store.webhook_attempted(
+        "a-failed", claim=again.claim, delivered=True, error="", next_attempt_at=None
+    )
     assert store.due_webhooks(time.time() + 1000) == []
 
 
@@ -251,9 +355,87 @@ def test_webhook_gives_up(store):
     store.create(new("a", webhook_url="http://hook"))
     store.claim("w1", 30)
     store.fail("a", "w1", code=1401, error="bad")
-    assert len(store.due_webhooks(time.time() + 1)) == 1
-    store.webhook_attempted("a-failed", delivered=False, error="invalid URL", next_attempt_at=None)
+    [d] = store.due_webhooks(time.time() + 1)
+    store.webhook_attempted(
+        "a-failed", claim=d.claim, delivered=False, error="invalid URL", next_attempt_at=None
+    )
     assert store.due_webhooks(time.time() + 1000) == []
+
+
+def failed_event(store, jid: str, url: str = "http://hook") -> str:
+    """A job that failed with a webhook URL: its event is due now."""
+    store.create(new(jid, webhook_url=url))
+    assert store.claim("w", 30).id == jid
+    store.fail(jid, "w", code=1401, error="bad")
+    return f"{jid}-failed"
+
+
+def test_a_held_webhook_claim_is_never_shared(store):
+    events = [failed_event(store, f"e{i:02d}") for i in range(24)]
+    got: list = []
+    lock = threading.Lock()
+
+    def dispatcher():
+        while batch := store.due_webhooks(time.time(), limit=3):
+            with lock:
+                got.extend(batch)
+
+    threads = [threading.Thread(target=dispatcher) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(d.event_id for d in got) == events  # each row claimed by exactly one call
+    assert all(d.claim for d in got) and len({d.claim for d in got}) == len(events)  # a claim each
+    assert store.due_webhooks(time.time() + 5) == []  # held: nobody else gets them
+    assert store.renew_webhook_claims({d.event_id: d.claim for d in got}, 30) == set(events)
+    assert store.due_webhooks(time.time() + 20) == []  # renewed past the first expiry
+
+
+def test_only_the_claim_holder_records_a_result(store):
+    eid = failed_event(store, "a")
+    [first] = store.due_webhooks(time.time(), lease_seconds=0.05)
+    time.sleep(0.1)
+    [second] = store.due_webhooks(time.time())  # the first claim ran out: taken over
+    assert second.event_id == eid and second.claim != first.claim and second.attempts == 0
+    # The first holder, late: its renewal and its result change nothing.
+    assert store.renew_webhook_claims({eid: first.claim}, 30) == set()
+    assert not store.webhook_attempted(eid, claim=first.claim, delivered=True, error="", next_attempt_at=None)
+    assert not store.webhook_attempted(eid, claim="", delivered=True, error="", next_attempt_at=None)
+    assert store.due_webhooks(time.time() + 5) == []  # still pending, still held by the second
+    assert store.webhook_attempted(
+        eid, claim=second.claim, delivered=False, error="receiver answered 503",
+        next_attempt_at=time.time(), status_code=503,
+    )  # fmt: skip
+    # The claim ended with its result: the holder cannot record it twice.
+    assert not store.webhook_attempted(
+        eid, claim=second.claim, delivered=True, error="", next_attempt_at=None
+    )
+    [third] = store.due_webhooks(time.time() + 0.01)
+    assert (third.attempts, third.last_status) == (1, 503)  # one attempt counted, the holder's
+    assert store.webhook_attempted(eid, claim=third.claim, delivered=True, error="", next_attempt_at=None)
+    assert store.due_webhooks(time.time() + 1000) == []
+
+
+def test_an_expired_webhook_claim_is_taken_over_a_renewed_one_is_not(store):
+    a, b, c = (failed_event(store, i) for i in "abc")
+    claims = {d.event_id: d.claim for d in store.due_webhooks(time.time(), lease_seconds=0.2)}
+    assert sorted(claims) == [a, b, c]
+    assert store.due_webhooks(time.time()) == []
+    assert store.renew_webhook_claims({a: claims[a]}, 30) == {a}
+    time.sleep(0.3)
+    # c's claim ran out but nobody took it over yet: its holder may still renew it.
+    assert store.renew_webhook_claims({c: claims[c]}, 30) == {c}
+    [taken] = store.due_webhooks(time.time())
+    assert taken.event_id == b and taken.claim != claims[b]
+    assert store.renew_webhook_claims({b: claims[b]}, 30) == set()
+
+
+def test_a_claim_can_pass_over_rows_and_leaves_them_due(store):
+    ids = [failed_event(store, f"e{i}", url=f"http://{'slow' if i < 3 else 'fast'}/hook") for i in range(5)]
+    got = store.due_webhooks(time.time(), limit=1, accept=lambda d: "fast" in d.url)
+    assert [d.event_id for d in got] == ids[3:4]
+    assert [d.event_id for d in store.due_webhooks(time.time())] == ids[:3] + ids[4:]
 
 
 def test_history(store):

@@ -206,6 +206,44 @@ DONE = Job(
 
 OLD_RELEASES = {"8d9fe02": DDL_8D9FE02, "unversioned": DDL_UNVERSIONED}
 
+# Schema version 3 (a29a1e6, the last release before per-delivery webhook claims): version 2's
+# tables with the outbox copied into this shape by migration step 3, user_version 3.
+_V2_OUTBOX = DDL_UNVERSIONED[DDL_UNVERSIONED.index("CREATE TABLE IF NOT EXISTS webhook_outbox") :]
+_V2_OUTBOX = _V2_OUTBOX[: _V2_OUTBOX.index("CREATE TABLE IF NOT EXISTS settings")]
+DDL_V3 = DDL_UNVERSIONED.replace(_V2_OUTBOX, """
+CREATE TABLE "webhook_outbox" (
+    event_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    -- The default serves an older server still running against this file: it writes a body
+    -- and no status, and the dispatcher delivers a row with a body as it stands.
+    status TEXT NOT NULL DEFAULT '',
+    -- Only on rows written before version 3: newer bodies are built when delivered.
+    body TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    delivered_at REAL,
+    gave_up_at REAL,
+    last_error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX outbox_due ON webhook_outbox (delivered_at, gave_up_at, next_attempt_at);
+""") + "PRAGMA user_version = 3;"
+
+# Outbox rows as version 3 wrote them: one failed once, one delivered, and one a version 3
+# dispatcher holds right now (its claim moved the next attempt to the claim's end, here far off).
+ROWS_V3 = """
+INSERT OR IGNORE INTO webhook_outbox (event_id, job_id, url, status, next_attempt_at)
+VALUES ('done-completed', 'done', 'http://hook/done', 'completed', 1700000002.0),
+       ('broken-failed', 'broken', 'http://hook/broken', 'failed', 1700000000.3),
+       ('held-failed', 'held', 'http://hook/held', 'failed', 1700000000.6);
+UPDATE webhook_outbox SET attempts = attempts + 1, next_attempt_at = 1700000003.0,
+                          last_error = 'receiver answered 500'
+WHERE event_id = 'done-completed';
+UPDATE webhook_outbox SET attempts = attempts + 1, delivered_at = 1700000000.4, last_error = ''
+WHERE event_id = 'broken-failed';
+UPDATE webhook_outbox SET next_attempt_at = 4102444800.0 WHERE event_id = 'held-failed';
+"""
+
 
 def write_old(path: Path, ddl: str) -> Path:
     db = sqlite3.connect(path, isolation_level=None)
@@ -271,7 +309,10 @@ def test_old_database_is_brought_up_and_keeps_working(old_db):
     assert (old.job_id, old.url, old.status, old.attempts) == ("done", "http://hook/done", "completed", 1)
     assert old.body == '{"id":"done","status":"completed"}'
     assert due["queued-completed"].body is None and due["queued-completed"].status == "completed"
-    store.webhook_attempted("done-completed", delivered=True, error="", next_attempt_at=None)
+    claim = due["done-completed"].claim
+    assert store.webhook_attempted(
+        "done-completed", claim=claim, delivered=True, error="", next_attempt_at=None
+    )
 
     before = snapshot(old_db)
     SqliteJobStore(old_db)  # opening again is a no-op
@@ -357,3 +398,38 @@ def test_an_older_server_writing_to_a_migrated_file_loses_no_event(tmp_path):
     )
     [d] = store.due_webhooks(time.time())
     assert (d.event_id, d.body) == ("a-failed", '{"id":"a"}')
+
+
+def test_a_version_3_outbox_gets_per_delivery_claims(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(DDL_V3)
+    db.executescript(ROWS_V3)
+    db.close()
+    assert user_version(path) == 3
+    store = SqliteJobStore(path)
+    assert user_version(path) == migrations.CURRENT == 4
+    assert shape(path) == shape(Path(SqliteJobStore(tmp_path / "fresh.sqlite3").path))
+
+    def row(event_id: str) -> tuple:
+        return sqlite3.connect(path).execute(
+            "SELECT attempts, delivered_at, gave_up_at, last_error, last_status, claim_token, claim_expires"
+            " FROM webhook_outbox WHERE event_id = ?",
+            (event_id,),
+        ).fetchone()
+
+    assert row("done-completed") == (1, None, None, "receiver answered 500", None, None, None)
+    [d] = store.due_webhooks(time.time())  # the delivered row is not replayed
+    assert (d.event_id, d.status, d.body, d.attempts) == ("done-completed", "completed", None, 1)
+    assert d.last_status is None
+    assert d.claim and row("done-completed")[5] == d.claim
+    assert store.webhook_attempted(
+        d.event_id, claim=d.claim, delivered=False, error="receiver answered 410", next_attempt_at=None,
+        status_code=410,
+    )  # fmt: skip
+    attempts, _, gave_up, error, status, token, expires = row("done-completed")
+    assert (attempts, error, status, token, expires) == (2, "receiver answered 410", 410, None, None)
+    assert gave_up is not None
+    # The row a version 3 dispatcher had claimed stays its own until that claim's end.
+    assert store.due_webhooks(4102444800.0 - 1) == []
+    assert [d.event_id for d in store.due_webhooks(4102444800.0)] == ["held-failed"]

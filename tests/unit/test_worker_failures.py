@@ -161,3 +161,58 @@ def test_killed_mid_run_is_retried_then_failed_and_the_worker_is_restarted(setti
         assert len({w.id for w in store.workers()}) == 3  # two deaths, two restarts
     finally:
         sup.stop()
+
+
+def test_a_worker_stopped_mid_run_hands_the_job_back_uncounted(settings):
+    store = open_store(settings)
+    boom = submit(store, "boom")
+    with worker_thread(settings, fakes.slow) as worker:
+        wait_for(store, boom, {State.PROCESSING})
+        while store.get(boom).progress < 0.15:
+            time.sleep(0.01)
+        worker.stop("The worker was stopped (server shutdown)")  # what SIGTERM / SIGINT do
+        job = store.get(boom)
+        assert job.status is State.CREATED and job.attempts == 0 and job.progress == 0.0
+        assert job.error == "The worker was stopped (server shutdown); the job was queued again."
+        assert job.code == 0 and job.lease_owner is None
+        (row,) = store.workers()
+        assert row.state == WorkerState.STOPPED.value
+        time.sleep(0.6)  # the old run's next progress call finds the lease gone: it writes nothing
+        job = store.get(boom)
+        assert job.status is State.CREATED and job.attempts == 0 and job.progress == 0.0
+    with worker_thread(settings, fakes.slow):
+        assert_completed(store, boom)
+        assert store.get(boom).attempts == 1  # the only claim that counted is the one that ran
+
+
+def test_sigint_to_a_spawned_worker_hands_the_job_back_without_a_traceback(settings, capfd):
+    """Ctrl-C reaches the workers with the server: the worker hands its job back uncounted and
+    exits 0 quietly; the supervisor starts a successor, which completes the job."""
+    import os
+    import signal
+
+    from server.worker.supervision import Supervisor
+
+    store = open_store(settings)
+    boom = submit(store, "boom")
+    sup = Supervisor(settings, store, runner_factory=fakes.slow)
+    sup.start()
+    try:
+        wait_for(store, boom, {State.PROCESSING}, timeout=60)
+        while store.get(boom).progress < 0.15:
+            time.sleep(0.01)
+        (slot,) = sup.slots
+        first = slot.proc
+        os.kill(first.pid, signal.SIGINT)
+        first.join(10)
+        assert first.exitcode == 0
+        job = store.get(boom)
+        assert job.status is State.CREATED and job.attempts == 0 and job.progress == 0.0
+        assert job.error == "The worker was stopped (server shutdown); the job was queued again."
+        job = wait_for(store, boom, {State.COMPLETED, State.FAILED}, timeout=60)
+        assert job.status is State.COMPLETED and job.attempts == 1
+        assert slot.proc is not first  # restarted after the grace period
+    finally:
+        sup.stop()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
