@@ -56,12 +56,6 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def web():
     """The "public" web server (127.0.0.2, allowed by the shim)."""
     srv = MediaServer(PUBLIC_STAND_IN)

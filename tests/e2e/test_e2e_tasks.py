@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import FAST, ServerProcess, wait_terminal
-from tests.vace_media import MediaServer, data_uri, frames_of, moving_frames, mp4, png, solid
+from tests.vace_media import data_uri, frames_of, moving_frames, mp4, png, solid
 
 MODEL = "wavespeed-ai/wan-2.1-14b-vace"
 F = 81
@@ -48,19 +48,6 @@ def server(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("tasks-e2e")).start()
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def media():
-    srv = MediaServer("127.0.0.1")
-    yield srv
-    srv.close()
 
 
 def submit(client, fields) -> str:

@@ -137,19 +137,6 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def media():
-    srv = MediaServer("127.0.0.1")
-    yield srv
-    srv.close()
-
-
-@pytest.fixture(scope="module")
 def jobs(client, media) -> dict[str, str]:
     """Every job of the module, submitted at once (name -> job id): the worker then never waits
     while a test downloads and checks an earlier job's files."""
