@@ -126,17 +126,12 @@ class Conditioning:
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """RGB; transparency composited over white (the official loader drops alpha instead; a
-    transparent background should read as the white VACE references are expected on)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode == "RGBA":
-        canvas = PIL.Image.new("RGB", image.size, (255, 255, 255))
-        canvas.paste(image, (0, 0), mask=image)
-        return canvas
-    return image.convert("RGB")
+    """RGB; transparency composited over white, as the media decoder does for every input image
+    (the official loader drops alpha instead; a transparent background should read as the white
+    VACE references are expected on)."""
+    from pipelines.media import composite_on_white
+
+    return composite_on_white(image)
 
 
 def _check_array(name: str, arr: np.ndarray, ndim: int, tail: tuple[int, ...], max_frames: int):

@@ -101,7 +101,7 @@ def _luma(image: Image.Image, width: int, height: int) -> np.ndarray:
 # Images
 
 
-def _composite_on_white(image: Image.Image) -> Image.Image:
+def composite_on_white(image: Image.Image) -> Image.Image:
     """RGB with any transparency composited over white. A deliberate deviation: the official Wan
     loader drops alpha (`convert("RGB")`), which turns a transparent background into whatever
     colour the hidden pixels hold (often black); VACE reference images are expected on white."""
@@ -172,7 +172,7 @@ def decode_image(
         pass  # a malformed EXIF block should not lose an otherwise fine image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         image = _high_depth_to_8bit(image)
-    return _composite_on_white(image)
+    return composite_on_white(image)
 
 
 def decode_mask_image(data: bytes, field: str, *, width: int, height: int) -> np.ndarray:

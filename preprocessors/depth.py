@@ -156,8 +156,7 @@ class _BatchedDepth(ModelHolder, Preprocessor):
 
     def __call__(self, frames, mask):
         _check_frames(frames)
-        if self.model is None:
-            raise RuntimeError(f"the {self.name} preprocessor was closed")
+        self.check_open()
         out = np.empty_like(frames)
         if len(frames) == 0:
             return out, mask

@@ -323,10 +323,7 @@ class FlowPreprocessor(ModelHolder, Preprocessor):
 
         from preprocessors.torchutil import batches
 
-        if self.model is None:
-            raise RuntimeError("the flow preprocessor was closed")
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"frames must be (F, H, W, 3), got {frames.shape}")
+        self.check_call(frames)
         n, h, w, _ = frames.shape
         out = np.empty((n, h, w, 3), dtype=np.uint8)
         if n == 0:

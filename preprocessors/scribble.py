@@ -92,10 +92,7 @@ class ScribblePreprocessor(ModelHolder, Preprocessor):
 
         from preprocessors.torchutil import batches, to_tensor
 
-        if self.model is None:
-            raise RuntimeError("the scribble preprocessor was closed")
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"frames must be (F, H, W, 3), got {frames.shape}")
+        self.check_call(frames)
         n, h, w, _ = frames.shape
         out = np.empty((n, h, w, 3), dtype=np.uint8)
         with torch.inference_mode():

@@ -67,3 +67,9 @@ class ModelHolder:
     def check_open(self) -> None:
         if self.model is None:
             raise RuntimeError(f"the {getattr(self, 'name', '')} preprocessor was closed")
+
+    def check_call(self, frames) -> None:
+        """What every call checks first: the model is still there, the frames are (F, H, W, 3)."""
+        self.check_open()
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be (F, H, W, 3), got {frames.shape}")
