@@ -27,7 +27,7 @@ from PIL import Image
 from pipelines.config import PipelineConfig
 from preprocessors.registry import PreprocessorContext, PreprocessorSet
 from server.kernel.errors import NotSupportedYet, TaskError
-from server.kernel.request import FPS, MEDIA_FIELDS, VaceRequest
+from server.kernel.request import FPS, VaceRequest
 from server.kernel.runner import Media, ProgressFn, RunResult
 
 log = logging.getLogger("wan_vace.runner")
@@ -118,34 +118,19 @@ class VaceRunner:
         )
 
     def run(self, req: VaceRequest, media: Media, workdir: Path, progress: ProgressFn) -> RunResult:
-        from pipelines.conditioning import MediaInputs, build_conditioning
+        from pipelines.inputs import prepare_inputs
 
         if req.enable_fast_mode:
             raise NotSupportedYet(
                 "enable_fast_mode is not supported yet by this server; send it as false or omit it"
             )
-        width, height, num_frames = req.width, req.height, req.num_frames
+        width, height = req.width, req.height
         rw, rh = self.render_size(width, height)
 
-        # 1. Media at the render size, each field by its entry in the media-field table.
-        decoded = {
-            m.name: decode_field(m.name, media[m.name], width=rw, height=rh, num_frames=num_frames)
-            for m in MEDIA_FIELDS
-            if media.get(m.name)
-        }
-
-        # 2. Conditioning. The task applies to `video` (contract §6); `face` works on the
-        # reference images instead: each is replaced by the crop of its main face (VACE's face
-        # annotator), the whole image when none is found.
-        notes: dict[str, Any] = {}
-        if req.task == "face" and decoded.get("images"):
-            face = self.preprocessors.get("face")
-            decoded["images"], found = face.crop_references(decoded["images"])
-            notes["face"] = {"detector": getattr(face, "info", ""), "cropped": found}
-        cond = build_conditioning(
-            req.task, MediaInputs(**decoded), width=rw, height=rh, num_frames=num_frames,
-            preprocessors=self.preprocessors.get,
-        )  # fmt: skip
+        # 1-2. Media decoded at the render size, then the conditioning (pipelines/inputs.py).
+        cond, notes = prepare_inputs(
+            req, media, width=rw, height=rh, preprocessors=self.preprocessors.get
+        )
         if self.preprocessor_memory == "offload":
             self.preprocessors.park()  # the pipeline gets the GPU memory back
 
@@ -243,22 +228,6 @@ def save_conditioning(cond: Any, workdir: Path, encode_mp4: Callable[..., None])
     if refs:
         saved["reference_images"] = refs
     return saved
-
-
-def decode_field(name: str, data: Any, *, width: int, height: int, num_frames: int) -> Any:
-    """Decode one fetched media field for the conditioning builder (`MediaInputs`): videos and
-    masks at the render size, images at their own size (the builder fits them)."""
-    from pipelines.media import decode_image, decode_mask_image, decode_mask_video, decode_video
-
-    if name == "video":
-        return decode_video(data, name, width=width, height=height, max_frames=num_frames, fps=FPS)
-    if name == "mask_video":
-        return decode_mask_video(data, name, width=width, height=height, max_frames=num_frames, fps=FPS)
-    if name == "mask_image":
-        return decode_mask_image(data, name, width=width, height=height)
-    if name == "images":
-        return [decode_image(b, f"{name}[{i}]") for i, b in enumerate(data)]
-    return decode_image(data, name)
 
 
 def load_runner(config: PipelineConfig) -> VaceRunner:
