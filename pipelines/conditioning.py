@@ -23,6 +23,21 @@ video under an all-ones mask):
 | `first_image` + `last_image`          | [first] + [gray] * (F-2) + [last]       | 0, 1, ..., 1, 0                       | optional         |
 | `video` + `first_image`/`last_image`  | the video's frame 0 / F-1 replaced      | 0 on those frames                     | optional         |
 
+Extension fields (ours; official task names in brackets; Fv = decoded frames of `video`, Fl of
+`last_video`; "kept" = the clip's pixels as decoded, mask 0):
+
+| request                               | video                                   | mask                                  |
+|---------------------------------------|-----------------------------------------|---------------------------------------|
+| `extend: forward` [firstclip]         | clip + [gray] * (F - Fv)                | 0 on the clip, 1 after                |
+| `extend: backward` [lastclip]         | [gray] * (F - Fv) + clip                | 1, then 0 on the clip                 |
+| `extend: both`                        | [gray] * b + clip + [gray] * rest       | 0 on the clip; b = (F - Fv) // 2      |
+| `extend: between` [firstlastclip]     | video + [gray] * (F-Fv-Fl) + last_video | 0 on both clips, 1 between            |
+| `keep_frames` [frameref]              | video's frame i where i is listed, gray | 0 on the listed frames, 1 elsewhere   |
+| task `outpainting`                    | each frame in the `outpaint_box`, gray around | 0 on the box, 1 around          |
+| task `outpainting_inner`              | each frame, its border gray             | 0 inside the border, 1 on it          |
+| `layout_bbox` [layout_bbox]           | the boxes drawn, black outline on white | None (control); + `first_image` kept  |
+| `mask_bbox` [inpainting, bbox mode]   | as with a given mask                    | 1 inside the (interpolated) box       |
+
 Rules and decisions:
 - `task` applies to `video` only and is IGNORED when there is no video: WaveSpeed's default task
   is `depth` and clients send it with no video (contract §6); never reject that.
@@ -38,8 +53,20 @@ Rules and decisions:
   preprocessor states its threshold (`Preprocessor.mask_threshold`).
 - Extension: a source shorter than F is extended forward with gray frames under a white mask.
   The clip's own frames get the given mask, else white: with no mask the clip is a control
-  signal; to *keep* its pixels (official `firstclip`) send `task: none` with a black
-  `mask_image`.
+  signal; to *keep* its pixels send `extend` (or, as before, `task: none` with a black
+  `mask_image`).
+- `extend` and `keep_frames` keep the clip's pixels as decoded: `task` does not apply to them
+  (WaveSpeed clients send `depth` by default; a depth map is not what anyone extends), and they
+  take no mask (refused at submit). A clip (or two, `between`) that leaves no frame to generate,
+  or a kept frame past the clip's end, is InvalidParameter naming the frame counts.
+- Outpainting: the source is decoded straight into its box (`pipelines.inputs`, at the box's
+  size with `fit_cover`); `first_image`/`last_image` are fitted into the same box, so one image
+  and no video is Expand-Anything. The canvas is 0.5 gray (the official canvas is PIL 'gray',
+  128; every other missing pixel here is 0.5) and the mask is black exactly on the source: the
+  official MASK_BLUR is 0 by default, and its inner variant's rectangle reaches one pixel past
+  the kept area, keeping a gray row and column, which we do not reproduce.
+- `layout_bbox` is the control video (no `video`); `first_image` replaces its frame 0
+  (official move_anything). Boxes arrive scaled to render pixels (`pipelines.layout`).
 - `first_image`/`last_image` are fitted like the source video (`pipelines.geometry.fit_cover`:
   the official resize-to-cover and integer centre crop) and overwrite frame 0 / F-1 of the
   (control) video or of an all-gray video; the mask is 0 there whatever a given mask said.
@@ -73,11 +100,21 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from pipelines.geometry import fit_cover, letterbox
+from pipelines.geometry import Box, fit_cover, letterbox, outpaint_box
+from pipelines.layout import box_masks, box_track, draw_layout
 from preprocessors.registry import Preprocessor, get_preprocessor
 from server.kernel.errors import InvalidParameter
+from server.kernel.request import DIRECTIONS, FPS, OUTPAINT_RATIO, OUTPAINTING_TASKS
 
-__all__ = ["Conditioning", "MediaInputs", "build_conditioning", "fit_cover", "to_rgb"]
+__all__ = [
+    "Conditioning",
+    "Extensions",
+    "MediaInputs",
+    "build_conditioning",
+    "fit_cover",
+    "source_box",
+    "to_rgb",
+]
 
 # A reference smaller than this carries no usable detail once fitted (and the API's image decoder
 # already refuses sides under 16); refused rather than letterboxed into a smear.
@@ -90,13 +127,34 @@ GRAY = 0.5
 class MediaInputs:
     """Decoded media, already at the target size (pipelines/media.py)."""
 
-    video: np.ndarray | None = None  # uint8 (Fv, H, W, 3), Fv <= num_frames
+    video: np.ndarray | None = None  # uint8 (Fv, H, W, 3), Fv <= num_frames (outpainting: box size)
+    last_video: np.ndarray | None = None  # uint8 (Fl, H, W, 3): the clip kept last (extend between)
     # Masks: uint8 luminance, 255 = generate, soft values kept (thresholded here, per task).
     mask_video: np.ndarray | None = None  # (Fm, H, W), Fm <= num_frames
     mask_image: np.ndarray | None = None  # (H, W)
     first_image: PIL.Image.Image | None = None  # any size; fitted here
     last_image: PIL.Image.Image | None = None
     images: list[PIL.Image.Image] = field(default_factory=list)  # references, API order
+
+
+@dataclass(frozen=True)
+class Extensions:
+    """Our extension fields, as the builder reads them (boxes already in render pixels)."""
+
+    extend: str | None = None  # forward | backward | both | between
+    keep_frames: tuple[int, ...] = ()
+    outpaint_direction: tuple[str, ...] = DIRECTIONS
+    outpaint_ratio: float = OUTPAINT_RATIO
+    layout_bbox: tuple[tuple[float, float, float, float], ...] = ()
+    mask_bbox: tuple[tuple[float, float, float, float], ...] = ()
+
+
+def source_box(task: str, ext: Extensions, width: int, height: int) -> Box:
+    """Where `video`'s frames go on the W x H frame: the outpainting box, else all of it."""
+    if task in OUTPAINTING_TASKS:
+        return outpaint_box(width, height, ext.outpaint_direction, ext.outpaint_ratio,
+                            inner=task == "outpainting_inner")  # fmt: skip
+    return Box(0, 0, width, height)
 
 
 @dataclass
@@ -160,6 +218,7 @@ def build_conditioning(
     height: int,
     num_frames: int,
     preprocessors: Callable[[str], Preprocessor] = get_preprocessor,
+    extensions: Extensions | None = None,
 ) -> Conditioning:
     """Build the pipeline inputs for one request; see the module docstring for the recipes.
 
@@ -173,10 +232,16 @@ def build_conditioning(
     if num_frames < 1 or num_frames % 4 != 1:
         raise ValueError(f"num_frames must be 4n+1, got {num_frames}")
     F, H, W = num_frames, height, width
+    ext = extensions or Extensions()
+    outpaint = task in OUTPAINTING_TASKS
+    box = source_box(task, ext, W, H)
 
     # 2. Media contract.
     if media.video is not None:
-        _check_array("video", media.video, 4, (H, W, 3), F)
+        decoded_size = (box.height, box.width) if task == "outpainting" else (H, W)
+        _check_array("video", media.video, 4, (*decoded_size, 3), F)
+    if media.last_video is not None:
+        _check_array("last_video", media.last_video, 4, (H, W, 3), F)
     if media.mask_video is not None:
         _check_array("mask_video", media.mask_video, 3, (H, W), F)
     if media.mask_image is not None:
@@ -193,20 +258,42 @@ def build_conditioning(
         raise InvalidParameter(f"{field_name} needs a video to edit: give video as well")
     if media.first_image is not None and media.last_image is not None and F < 2:
         raise InvalidParameter("first_image and last_image need at least 2 frames")
+    _check_extensions(task, ext, media, has_mask)
     refs_api = _check_refs(media.images, F, W, H)
 
     parts: list[str] = []
     video: np.ndarray | None = None
     mask: np.ndarray | None = None  # float32 (F, H, W, 1) once built
 
-    # 4. The source video through its preprocessor, extended to F frames.
-    if media.video is not None:
+    # 4. The source video: kept as decoded (extend, keep_frames), placed (outpainting), or
+    # through its preprocessor; extended to F frames. Or the layout boxes as the control video.
+    if media.video is not None and (ext.extend or ext.keep_frames):
+        video, mask = _kept_frames(media, ext, F, H, W)
+        parts.append(f"extend({ext.extend})" if ext.extend else "keep_frames")
+    elif media.video is not None and outpaint:
+        pre = preprocessors(task)  # registered; passes the frames through
+        frames, _ = pre(media.video, None)
+        fv = frames.shape[0]
+        video = np.full((F, H, W, 3), GRAY, dtype=np.float32)
+        mask = np.ones((F, H, W, 1), dtype=np.float32)
+        for i in range(fv):
+            _place(video[i], mask[i], frames[i], task, box)
+        parts.append(task)
+        if fv < F:
+            parts.append(f"extension({F - fv})")
+    elif ext.layout_bbox:
+        track = box_track(ext.layout_bbox, F)
+        video = draw_layout(track, W, H).astype(np.float32) / np.float32(255)
+        parts.append("layout_bbox")
+    elif media.video is not None:
         pre = preprocessors(task)  # NotSupportedYet for a known-but-missing task
-        if pre.needs_mask and not has_mask:
+        if pre.needs_mask and not (has_mask or ext.mask_bbox):
             raise InvalidParameter(f"task {task!r} needs mask_video or mask_image")
         fv = media.video.shape[0]
         src_mask: np.ndarray | None = None  # uint8 (Fv, H, W) 0/255
-        if media.mask_video is not None:
+        if ext.mask_bbox:
+            src_mask = box_masks(box_track(ext.mask_bbox, F)[:fv], W, H)
+        elif media.mask_video is not None:
             src_mask = np.full((fv, H, W), 255, dtype=np.uint8)
             n = min(fv, media.mask_video.shape[0])
             src_mask[:n] = _binary(media.mask_video[:n], pre.mask_threshold)
@@ -236,11 +323,14 @@ def build_conditioning(
         if out_mask is not None:
             mask = np.ones((F, H, W, 1), dtype=np.float32)
             mask[:fv, ..., 0] = out_mask > 127
-            parts.append("mask_video" if media.mask_video is not None else "mask_image")
+            given = "mask_video" if media.mask_video is not None else "mask_image"
+            parts.append("mask_bbox" if ext.mask_bbox else given)
         if fv < F:
             parts.append(f"extension({F - fv})")
 
     # 5. First / last frame.
+    if outpaint and media.video is None:
+        parts.append(task)  # Expand-Anything from an image
     for name, index in (("first_image", 0), ("last_image", F - 1)):
         img = getattr(media, name)
         if img is None:
@@ -249,9 +339,16 @@ def build_conditioning(
             video = np.full((F, H, W, 3), GRAY, dtype=np.float32)
         if mask is None:
             mask = np.ones((F, H, W, 1), dtype=np.float32)
-        fitted = fit_cover(to_rgb(img), W, H)
-        video[index] = np.asarray(fitted, dtype=np.float32) / np.float32(255)
-        mask[index] = 0.0
+        if outpaint:
+            # Expand-Anything: the image goes where the video's frames go (official
+            # expand_anything: the outpainted image is the first frame, its mask the border).
+            size = (box.width, box.height) if task == "outpainting" else (W, H)
+            video[index], mask[index] = GRAY, 1.0
+            _place(video[index], mask[index], np.asarray(fit_cover(to_rgb(img), *size)), task, box)
+        else:
+            fitted = fit_cover(to_rgb(img), W, H)
+            video[index] = np.asarray(fitted, dtype=np.float32) / np.float32(255)
+            mask[index] = 0.0
         parts.append(name)
 
     # 6. References.
@@ -274,6 +371,86 @@ def build_conditioning(
         num_frames=F,
         recipe="+".join(parts),
     )
+
+
+def _place(video: np.ndarray, mask: np.ndarray, frame: np.ndarray, task: str, box: Box) -> None:
+    """One outpainting frame: `frame` (uint8, the box's size for `outpainting`, the frame's for
+    `outpainting_inner`) into `video` (float32 H x W x 3, gray) at `box`, mask 0 there."""
+    l, t, w, h = box
+    src = frame if task == "outpainting" else frame[t : t + h, l : l + w]
+    np.divide(src, np.float32(255), out=video[t : t + h, l : l + w])
+    mask[t : t + h, l : l + w] = 0.0
+
+
+def _frames_at_16fps(n: int) -> str:
+    return f"{n} frame{'s' * (n != 1)} ({n / FPS:g} s at {FPS} fps)"
+
+
+def _kept_frames(
+    media: MediaInputs, ext: Extensions, F: int, H: int, W: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`extend` and `keep_frames`: the clip's pixels kept (mask 0), gray under white elsewhere
+    (official FrameRefExpandAnnotator / FrameRefExtractAnnotator)."""
+    clip = media.video
+    fv = clip.shape[0]
+    video = np.full((F, H, W, 3), GRAY, dtype=np.float32)
+    mask = np.ones((F, H, W, 1), dtype=np.float32)
+
+    def keep(at: int, frames: np.ndarray) -> None:
+        np.divide(frames, np.float32(255), out=video[at : at + len(frames)])
+        mask[at : at + len(frames)] = 0.0
+
+    if ext.keep_frames:
+        for i in ext.keep_frames:
+            if not 0 <= i < fv:
+                raise InvalidParameter(
+                    f"keep_frames lists frame {i}, but video has only {_frames_at_16fps(fv)}"
+                )
+            keep(i, clip[i : i + 1])
+        return video, mask
+    last = media.last_video if ext.extend == "between" else None
+    fl = 0 if last is None else last.shape[0]
+    if fv + fl >= F:
+        what = f"video gives {_frames_at_16fps(fv)}" + (
+            f" and last_video {_frames_at_16fps(fl)}" if last is not None else ""
+        )
+        raise InvalidParameter(
+            f"extend {ext.extend}: {what}, and the output has {F} frames: no frame is left to "
+            "generate; send a shorter clip or a longer duration"
+        )
+    at = {"forward": 0, "backward": F - fv, "both": (F - fv) // 2, "between": 0}[ext.extend]
+    keep(at, clip)
+    if last is not None:
+        keep(F - fl, last)
+    return video, mask
+
+
+def _check_extensions(task: str, ext: Extensions, media: MediaInputs, has_mask: bool) -> None:
+    """The submit-time rules (server/schemas.py) again, for callers that skip the API."""
+    has_video = media.video is not None
+    if ext.extend is not None and ext.extend not in ("forward", "backward", "both", "between"):
+        raise InvalidParameter(f"extend must be forward, backward, both or between, got {ext.extend!r}")
+    if (ext.extend or ext.keep_frames or ext.mask_bbox) and not has_video:
+        raise InvalidParameter("extend, keep_frames and mask_bbox need a video: give video as well")
+    if (ext.extend or ext.keep_frames) and (has_mask or ext.mask_bbox):
+        raise InvalidParameter("extend and keep_frames keep the clip's pixels: they take no mask")
+    if ext.extend and ext.keep_frames:
+        raise InvalidParameter("extend cannot be combined with keep_frames")
+    if ext.extend == "between" and media.last_video is None:
+        raise InvalidParameter('extend "between" needs last_video, the clip kept at the end')
+    if media.last_video is not None and ext.extend != "between":
+        raise InvalidParameter('last_video is the clip kept at the end with extend "between"')
+    if ext.mask_bbox and has_mask:
+        raise InvalidParameter("mask_bbox cannot be combined with mask_video or mask_image")
+    if ext.layout_bbox and (has_video or has_mask):
+        raise InvalidParameter("layout_bbox is the control video: it cannot be combined with video")
+    own_mask = has_mask or ext.mask_bbox or ext.extend or ext.keep_frames
+    if task in OUTPAINTING_TASKS and has_video and own_mask:
+        raise InvalidParameter(f"task {task} makes its own mask: no mask, extend or keep_frames")
+    if task in OUTPAINTING_TASKS and not (has_video or media.first_image or media.last_image):
+        raise InvalidParameter(f"task {task} needs video, first_image or last_image to expand")
+    if task in OUTPAINTING_TASKS and ext.layout_bbox:
+        raise InvalidParameter(f"task {task} cannot be combined with layout_bbox")
 
 
 def _check_refs(

@@ -12,7 +12,10 @@ Two placements, both written from the official Wan2.1 / VACE code's formulas:
   diffusers' own reference fitting (which first floors each side to a multiple of 8 with a
   Lanczos resize, squashing the aspect) changes nothing.
 
-Neither can raise for a valid image of any size: sizes are clamped to at least one pixel and the
+`outpaint_box` is where the source sits on the canvas of the outpainting tasks (the source is
+then fitted into that box with `fit_cover`).
+
+Neither placement can raise for a valid image of any size: sizes are clamped to at least one pixel and the
 source box handed to Pillow is clamped into the image (floating-point rounding can otherwise put
 it ~1e-13 px outside, which Pillow refuses with "box offset can't be negative").
 """
@@ -26,12 +29,14 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "Box",
     "CoverGeometry",
     "LetterboxGeometry",
     "cover_geometry",
     "fit_cover",
     "letterbox",
     "letterbox_geometry",
+    "outpaint_box",
 ]
 
 _BICUBIC = Image.Resampling.BICUBIC
@@ -151,3 +156,52 @@ def letterbox(image: Image.Image, width: int, height: int) -> Image.Image:
         np.rint(fitted), 0, 255
     ).astype(np.uint8)
     return Image.fromarray(canvas, "RGB")
+
+
+class Box(NamedTuple):
+    """`width` x `height` pixels at (`left`, `top`)."""
+
+    left: int
+    top: int
+    width: int
+    height: int
+
+
+def outpaint_box(
+    width: int, height: int, directions: tuple[str, ...] | list[str], ratio: float, *, inner: bool = False
+) -> Box:
+    """Where the source sits on the `width` x `height` output of the outpainting tasks.
+
+    `outpainting`: the output is the source expanded by `ratio` of its own side on each side in
+    `directions` (the official annotator's `int(ratio * side)` padding), so the inner box is
+    `round(width / (1 + ratio * (left + right)))` wide, likewise in height, and the padding is
+    the rest: all of it on the one side named, split with floor division (the left or upper
+    half) when both opposite sides are, as the official code splits its canvas rounding.
+    (The official canvas is the source plus padding rounded up to a multiple of 8; ours is the
+    requested size, so the source is what gets fitted.)
+
+    `outpainting_inner` (`inner=True`): the frame keeps its size and a border of
+    `int(ratio * side)` on each side in `directions` is regenerated (the official
+    OutpaintingInnerAnnotator's crop); the box is what remains.
+    """
+    if not 0 < ratio or min(width, height) < 1:
+        raise ValueError(f"need a positive ratio and size, got {ratio} for {width}x{height}")
+    d = set(directions)
+
+    def axis(side: int, before: bool, after: bool) -> tuple[int, int]:
+        """(padding before, kept length) along one axis."""
+        if inner:
+            pad = int(ratio * side)
+            kept = side - pad * (before + after)
+            if kept < 1:
+                raise ValueError(f"ratio {ratio} leaves nothing of a {side} px side")
+            return (pad if before else 0), kept
+        kept = max(1, round(side / (1 + ratio * (before + after))))
+        extra = side - kept
+        if before and after:
+            return extra // 2, kept
+        return (extra if before else 0), kept
+
+    left, w = axis(width, "left" in d, "right" in d)
+    top, h = axis(height, "up" in d, "down" in d)
+    return Box(left, top, w, h)

@@ -1,4 +1,5 @@
-"""Preprocessors that need no model: `none`, `gray`, `inpainting` (numpy only).
+"""Preprocessors that need no model: `none`, `gray`, `inpainting`, `outpainting`,
+`outpainting_inner` (numpy only).
 
 Each reproduces the official VACE annotator's output (ali-vilab/VACE `vace/annotators/`) on
 uint8 RGB frames, batched over the whole clip.
@@ -79,6 +80,25 @@ class InpaintingPreprocessor(Preprocessor):
         # the region the pipeline generates always coincide.
         out[mask > 127] = MASK_COLOR
         return out, mask
+
+
+class OutpaintingPreprocessor(NonePreprocessor):
+    """`outpainting` / `outpainting_inner` (VACE OutpaintingVideoAnnotator and its inner
+    variant): the frames pass through unchanged. What these tasks change is geometry, the
+    source placed on a canvas with gray where it is not, and that gray is 0.5 exactly (127.5),
+    which uint8 frames cannot hold; so the conditioning builder places the frames
+    (`pipelines.geometry.outpaint_box`) and writes the canvas and mask."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def build_outpainting(context) -> OutpaintingPreprocessor:
+    return OutpaintingPreprocessor("outpainting")
+
+
+def build_outpainting_inner(context) -> OutpaintingPreprocessor:
+    return OutpaintingPreprocessor("outpainting_inner")
 
 
 def build_none(context) -> NonePreprocessor:

@@ -246,6 +246,11 @@ def _register_builtins() -> None:
     register("depthv2", _lazy("preprocessors.depth", "build_depthv2"),
              description="Depth-Anything-V2 depth")  # fmt: skip
     register("pose_body", _lazy("preprocessors.pose", "build_pose_body"), description="DWPose body pose")
+    # Geometry, not a signal: the conditioning builder places the frames (basic.py says why).
+    register("outpainting", _lazy("preprocessors.basic", "build_outpainting"),
+             description="the source on a larger gray canvas")  # fmt: skip
+    register("outpainting_inner", _lazy("preprocessors.basic", "build_outpainting_inner"),
+             description="the border regenerated")  # fmt: skip
 
 
 _register_builtins()

@@ -2,7 +2,9 @@
 stored input. Standard library only, so the API (validation, the `/api/v3/models` schema, inline
 media), the worker (fetching) and `pipelines/` (decoding, conditioning) all read the same table.
 
-`FIELDS` lists every submit field with WaveSpeed's exact names, ranges and defaults (contract §6);
+`FIELDS` lists every submit field with WaveSpeed's exact names, ranges and defaults (contract §6),
+then our extension fields (`extension=True`: temporal extension, frame references, outpainting,
+layout and mask boxes; documented, validated and listed by `/api/v3/models` like the others);
 `MEDIA_FIELDS` is the subset that carries media, with what each holds and which size limit
 applies. `server/schemas.py` validates a body against `FIELDS` and stores the normalised dict;
 `VaceRequest.from_input` turns that dict into the typed request everything after submit uses.
@@ -22,20 +24,34 @@ SEED_MAX = 2**31 - 1
 # them this server can run is the preprocessor registry's answer (`preprocessors.registry`);
 # a test ties the two lists together.
 WAVESPEED_TASKS = ("depth", "pose", "face", "inpainting", "none")
-EXTRA_TASKS = ("gray", "flow", "scribble", "depthv2", "pose_body")
+EXTRA_TASKS = ("gray", "flow", "scribble", "depthv2", "pose_body", "outpainting", "outpainting_inner")
 TASKS = WAVESPEED_TASKS + EXTRA_TASKS
+OUTPAINTING_TASKS = ("outpainting", "outpainting_inner")
+
+# Extension field values (the conditioning builder's docstring says what each does).
+EXTENDS = ("forward", "backward", "both", "between")
+DIRECTIONS = ("left", "right", "up", "down")
+OUTPAINT_RATIO = 0.25  # the official OutpaintingVideoAnnotator's default expand ratio
+
+Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in output pixels, x1 < x2 and y1 < y2
 
 
 @dataclass(frozen=True)
 class Field:
     name: str
-    kind: str  # string | media | media_list | integer | number | boolean | enum
+    # string | media | media_list | integer | number | boolean | enum, and for extension fields
+    # enum_list (a list of `choices`, no duplicates), int_list (frame indices), box_list
+    # (boxes [x1, y1, x2, y2] in output pixels; `min_items` of them, a single box accepted
+    # where one is allowed)
+    kind: str
     default: Any = None
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] = ()
     required: bool = False
     description: str = ""
+    extension: bool = False  # not a WaveSpeed field: ours, marked `x-extension` in the schema
+    min_items: int = 0
 
 
 FIELDS: tuple[Field, ...] = (
@@ -60,7 +76,28 @@ FIELDS: tuple[Field, ...] = (
     Field("enable_sync_mode", "boolean", False),
     Field("enable_base64_output", "boolean", False),
     Field("webhook_url", "string", None),
-    Field("return_conditioning", "boolean", False, description="Extension: URLs of the inputs fed to the pipeline."),
+    Field("return_conditioning", "boolean", False, description="Extension: URLs of the inputs fed to the pipeline.",
+          extension=True),
+    Field("extend", "enum", None, choices=EXTENDS, extension=True, description=(
+        "Keep `video` as decoded and generate around it: forward (the clip first), backward (the "
+        "clip last), both (the clip in the middle), between (`video` first, `last_video` last). "
+        "`task` does not apply to the kept clip; no masks with it.")),
+    Field("last_video", "media", extension=True,
+          description="The clip kept at the end with extend: between."),
+    Field("keep_frames", "int_list", [], 0, None, extension=True, min_items=1, description=(
+        "Output frame indices (0..16*duration) whose pixels are kept from `video`; every "
+        "other frame is generated.")),
+    Field("outpaint_direction", "enum_list", list(DIRECTIONS), choices=DIRECTIONS, extension=True,
+          min_items=1, description="Sides the outpainting tasks extend (or regenerate, inner)."),
+    Field("outpaint_ratio", "number", OUTPAINT_RATIO, 0.05, 1.0, extension=True, description=(
+        "outpainting: each new side is this fraction of the source's side; outpainting_inner: "
+        "the border regenerated, as a fraction of the frame's side.")),
+    Field("layout_bbox", "box_list", [], extension=True, min_items=2, description=(
+        "Keyframe boxes [x1, y1, x2, y2] in output pixels, spread evenly over the video and "
+        "interpolated: the layout control video (Move-Anything, with first_image). Not with video.")),
+    Field("mask_bbox", "box_list", [], extension=True, min_items=1, description=(
+        "The mask as a box [x1, y1, x2, y2] in output pixels (white inside), or keyframe boxes "
+        "interpolated like layout_bbox. Instead of mask_video / mask_image.")),
 )
 FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 # [compat] WaveSpeed's newest llms.txt lists `image` where older pages list `first_image`.
@@ -78,6 +115,7 @@ class MediaField:
 
 MEDIA_FIELDS: tuple[MediaField, ...] = (
     MediaField("video", "video"),
+    MediaField("last_video", "video"),
     MediaField("mask_video", "video"),
     MediaField("mask_image", "image"),
     MediaField("first_image", "image"),
@@ -124,6 +162,13 @@ class VaceRequest:
     enable_base64_output: bool = False
     webhook_url: str | None = None
     return_conditioning: bool = False
+    extend: str | None = None
+    last_video: str | None = None
+    keep_frames: tuple[int, ...] = ()
+    outpaint_direction: tuple[str, ...] = DIRECTIONS
+    outpaint_ratio: float = OUTPAINT_RATIO
+    layout_bbox: tuple[Box, ...] = ()
+    mask_bbox: tuple[Box, ...] = ()
 
     @classmethod
     def from_input(cls, inp: dict[str, Any]) -> VaceRequest:
@@ -139,8 +184,14 @@ class VaceRequest:
         values["negative_prompt"] = values["negative_prompt"] or ""
         for name in ("duration", "num_inference_steps", "seed"):
             values[name] = int(values[name])
-        for name in ("guidance_scale", "flow_shift", "context_scale"):
+        for name in ("guidance_scale", "flow_shift", "context_scale", "outpaint_ratio"):
             values[name] = float(values[name])
+        values["keep_frames"] = tuple(int(i) for i in values["keep_frames"] or ())
+        values["outpaint_direction"] = tuple(values["outpaint_direction"] or DIRECTIONS)
+        for name in ("layout_bbox", "mask_bbox"):
+            values[name] = tuple(
+                (int(b[0]), int(b[1]), int(b[2]), int(b[3])) for b in values[name] or ()
+            )
         return cls(**values)
 
     @property

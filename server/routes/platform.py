@@ -1,5 +1,7 @@
 """Discovery and platform endpoints that WaveSpeed's CLI, desktop app and MCP servers call
-(contract §3.6)."""
+(contract §3.6). The model's request schema is the field table's (`server.schemas`): our
+extension fields are in it with their ranges and defaults, each marked `"x-extension": true`,
+so WaveSpeed's own shape is kept and a client can tell which fields only this server has."""
 
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ def models(request: Request) -> dict[str, Any]:
                 "description": (
                     "Wan 2.1 VACE all-in-one video creation and editing: reference-to-video, "
                     "control video, masked editing, first/last frame, extension. "
+                    "Extension fields (x-extension): extend at either end, keep_frames, "
+                    "outpainting, layout_bbox, mask_bbox. "
                     f"Served model: {st.settings.model}."
                 ),
                 "type": "video-generation",

@@ -576,3 +576,16 @@ def test_media_inputs_are_exactly_the_media_field_table():
     from server.kernel.request import MEDIA_FIELDS
 
     assert [f.name for f in dataclasses.fields(MediaInputs)] == [m.name for m in MEDIA_FIELDS]
+
+
+def test_extend_forward_equals_the_hand_made_firstclip_mask():
+    # `extend: forward` is what `task: none` with a black mask_image gave, without the mask.
+    from pipelines.conditioning import Extensions
+
+    v = _video(f=3)
+    by_hand = _build("none", video=v, mask_image=np.zeros((H, W), np.uint8))
+    extended = build_conditioning("depth", MediaInputs(video=v), width=W, height=H, num_frames=F,
+                                  extensions=Extensions(extend="forward"))  # fmt: skip
+    np.testing.assert_array_equal(extended.video, by_hand.video)
+    np.testing.assert_array_equal(extended.mask, by_hand.mask)
+    assert extended.recipe == "extend(forward)"

@@ -29,8 +29,9 @@ def _frames(f=2, h=4, w=6, seed=0):
 
 
 def test_registry_lists_tasks():
-    assert available_tasks() == ["none", "gray", "inpainting", *MODEL_BACKED]
-    assert set(known_tasks()) == {"none", "gray", "inpainting", *MODEL_BACKED}
+    geometric = ["outpainting", "outpainting_inner"]
+    assert available_tasks() == ["none", "gray", "inpainting", *MODEL_BACKED, *geometric]
+    assert set(known_tasks()) == {"none", "gray", "inpainting", *MODEL_BACKED, *geometric}
     # every WaveSpeed task value is known
     assert {"depth", "pose", "face", "inpainting", "none"} <= set(known_tasks())
 

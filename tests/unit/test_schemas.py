@@ -139,3 +139,82 @@ def test_body_must_be_object():
 def test_every_field_has_a_default_or_is_required():
     inp = ok()
     assert set(inp) == {f.name for f in FIELDS}
+
+
+# --- extension fields ----------------------------------------------------------------------
+
+V = "https://example.com/v.mp4"
+
+
+def test_extension_fields_default_to_todays_behaviour():
+    inp = ok()
+    assert inp["extend"] is None and inp["last_video"] is None and inp["keep_frames"] == []
+    assert inp["outpaint_direction"] == ["left", "right", "up", "down"] and inp["outpaint_ratio"] == 0.25
+    assert inp["layout_bbox"] == [] and inp["mask_bbox"] == []
+    req = VaceRequest.from_input(inp)
+    assert req.extend is None and req.keep_frames == () and req.mask_bbox == ()
+
+
+def test_rows_written_before_the_extension_fields_stay_readable():
+    old = ok()
+    for k in ("extend", "last_video", "keep_frames", "outpaint_direction", "outpaint_ratio",
+              "layout_bbox", "mask_bbox"):  # fmt: skip
+        old.pop(k)
+    req = VaceRequest.from_input(old)
+    assert req.outpaint_direction == ("left", "right", "up", "down") and req.layout_bbox == ()
+
+
+def test_extension_fields_are_typed():
+    inp = ok(video=V, task="inpainting", mask_bbox=[10, 20.0, 30, 40], size="1280*720")
+    assert inp["mask_bbox"] == [[10, 20, 30, 40]]  # one box = a static mask
+    req = VaceRequest.from_input(inp)
+    assert req.mask_bbox == ((10, 20, 30, 40),)
+    req = VaceRequest.from_input(ok(video=V, extend="Backward", keep_frames=None))
+    assert req.extend == "backward"
+    req = VaceRequest.from_input(ok(video=V, keep_frames=[0, 80.0]))
+    assert req.keep_frames == (0, 80)
+    req = VaceRequest.from_input(ok(video=V, task="outpainting", outpaint_direction="left", outpaint_ratio=1))
+    assert req.outpaint_direction == ("left",) and req.outpaint_ratio == 1.0
+    req = VaceRequest.from_input(ok(layout_bbox=[[0, 0, 10, 10], [822, 470, 832, 480]]))
+    assert req.layout_bbox == ((0, 0, 10, 10), (822, 470, 832, 480))
+
+
+@pytest.mark.parametrize(
+    "fields,needle",
+    [
+        ({"extend": "sideways", "video": V}, "extend must be one of forward, backward, both, between"),
+        ({"extend": "forward"}, "extend needs a video"),
+        ({"extend": "between", "video": V}, "needs last_video"),
+        ({"last_video": V, "video": V}, "last_video is the clip kept at the end"),
+        ({"extend": "forward", "video": V, "mask_bbox": [0, 0, 8, 8]}, "extend cannot be combined with mask_bbox"),
+        ({"keep_frames": [0, 81], "video": V}, "keep_frames[1] is 81; a 5 s video has frames 0..80"),
+        ({"keep_frames": [3, 3], "video": V}, "keep_frames lists a frame twice"),
+        ({"keep_frames": [], "video": V}, "keep_frames needs at least 1 item"),
+        ({"keep_frames": [1.5], "video": V}, "keep_frames[0] must be an integer"),
+        ({"keep_frames": [0]}, "keep_frames needs a video"),
+        ({"task": "outpainting", "video": V, "outpaint_direction": ["north"]},
+         "outpaint_direction items must be among left, right, up, down, got 'north'"),
+        ({"task": "outpainting", "video": V, "outpaint_direction": ["up", "up"]}, "lists a value twice"),
+        ({"task": "outpainting", "video": V, "outpaint_ratio": 1.5}, "outpaint_ratio must be between 0.05 and 1"),
+        ({"task": "outpainting"}, "task outpainting needs video, first_image or last_image"),
+        ({"task": "outpainting_inner", "video": V, "outpaint_ratio": 0.5}, "use less than 0.5"),
+        ({"video": V, "outpaint_ratio": 0.3}, "outpaint_ratio applies to task outpainting"),
+        ({"layout_bbox": [[0, 0, 10, 10]]}, "layout_bbox needs at least 2 items, got 1"),
+        ({"layout_bbox": [0, 0, 10, 10]}, "layout_bbox[0] must be a box"),
+        ({"layout_bbox": [[0, 0, 10, 10], [0, 0, 833, 10]]}, "layout_bbox[1] [0, 0, 833, 10] is outside the 832x480"),
+        ({"layout_bbox": [[0, 0, 10, 10], [5, 0, 5, 10]]}, "layout_bbox[1] must have x1 < x2"),
+        ({"layout_bbox": [[0, 0, 10, 10], [0, 0, 9.5, 10]]}, "layout_bbox[1][2] must be an integer"),
+        ({"layout_bbox": [[0, 0, 10, 10], [0, 0, 9, 10]], "video": V}, "layout_bbox cannot be combined with video"),
+        ({"mask_bbox": [0, 0, 10, 10]}, "mask_bbox needs a video"),
+        ({"mask_bbox": [0, 0, 10, 10], "video": V, "mask_image": V}, "mask_bbox cannot be combined with mask_image"),
+        ({"mask_bbox": [0, -1, 10, 10], "video": V}, "mask_bbox[0] [0, -1, 10, 10] is outside"),
+        ({"mask_bbox": [0, 0, 10, 481], "video": V, "size": "832*480"}, "0 <= y1 < y2 <= 480"),
+    ],
+)
+def test_bad_extension_values_name_the_field(fields, needle):
+    assert needle in bad(**fields)
+
+
+def test_boxes_are_checked_against_the_requested_size():
+    ok(video=V, mask_bbox=[0, 0, 720, 1280], size="720*1280")
+    assert "outside the 1280x720 frame" in bad(video=V, mask_bbox=[0, 0, 720, 1280], size="1280*720")
