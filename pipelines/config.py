@@ -17,7 +17,8 @@ class PipelineConfig:
     # The random-weight model renders each side divided by this (rounded to 16); None =
     # weights.toml's `render_downscale` for the model.
     tiny_downscale: int | None = None
-    encode_preset: str = "fast"  # x264 preset for outputs
+    encode_preset: str = "veryfast"  # x264 preset for outputs (see server/settings.py)
+    encode_threads: int = 0  # x264 threads for outputs; 0 = x264's own choice
     cpu_threads: int | None = None  # torch CPU threads (None: torch's default)
     # GPU memory between the preprocessors and the pipeline: "resident" keeps a built
     # preprocessor on the GPU (fastest, when both fit: the 14B model takes ~47 GB), "offload"

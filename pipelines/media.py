@@ -454,9 +454,19 @@ def decode_mask_video(
 # ---------------------------------------------------------------------------------------------
 # Output
 
+# x264 preset of outputs unless configured (WAN_VACE_ENCODE_PRESET); chosen by
+# scripts/bench_encode.py.
+ENCODE_PRESET = "veryfast"
+
 
 def encode_mp4(
-    frames: np.ndarray, path: str, *, fps: int = 16, lossless: bool = False, preset: str = "fast"
+    frames: np.ndarray,
+    path: str,
+    *,
+    fps: int = 16,
+    lossless: bool = False,
+    preset: str = ENCODE_PRESET,
+    threads: int = 0,
 ) -> None:
     """Write uint8 (F, H, W, 3) RGB frames as an H.264 MP4 at exactly `fps` with exactly F frames.
 
@@ -465,8 +475,9 @@ def encode_mp4(
     conditioning videos; fewer players handle it. The moov atom is moved to the front
     (+faststart) so the file streams. 4:2:0 needs even sides: an odd width/height is padded by
     repeating the last column/row. The file appears at `path` only once complete. `preset` is
-    x264's speed/size trade-off; it never changes quality at a given CRF by much, only file size,
-    and encoding is seconds against minutes of denoising.
+    x264's speed/size trade-off: at a given CRF it changes the file size far more than the
+    quality (scripts/bench_encode.py measures it). `threads`: x264's thread count, 0 = its own
+    choice (about 1.5 per core).
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
@@ -475,6 +486,8 @@ def encode_mp4(
         raise ValueError(f"frames must be uint8, got {frames.dtype}")
     if fps < 1:
         raise ValueError(f"fps must be positive, got {fps}")
+    if threads < 0:
+        raise ValueError(f"threads must be 0 (auto) or more, got {threads}")
     _, h, w, _ = frames.shape
     pix_fmt = "yuv444p" if lossless else "yuv420p"
     pad_h, pad_w = (0, 0) if lossless else (h % 2, w % 2)
@@ -491,6 +504,9 @@ def encode_mp4(
             # BT.709 primaries/transfer/matrix, limited range (enum value 1 for all four).
             cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range = 1, 1, 1, 1
             stream.options = {"crf": "0" if lossless else "18", "preset": preset}
+            # PyAV's default thread count is already 0 (auto); set only an explicit count.
+            if threads:
+                stream.codec_context.thread_count = threads
             for i, rgb in enumerate(frames):
                 if pad_h or pad_w:
                     rgb = np.pad(rgb, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")

@@ -1,6 +1,12 @@
 """The prediction object: how a stored job looks on the wire (contract §4), in poll answers,
 sync-mode answers and webhook bodies. No FastAPI here: the webhook dispatcher builds its bodies
 with the same code when it delivers them.
+
+A job whose files retention deleted (server/retention.py) still answers `completed`, and keeps
+its `outputs` as the URLs they were (the WaveSpeed SDKs read `outputs` as a list of URLs; those
+URLs now answer 410 Gone with a message saying when and why), with two extensions:
+`outputs_expired: true` and `outputs_expired_at`. A job that asked for base64 outputs gets the
+URLs too once expired: there are no bytes left to encode.
 """
 
 from __future__ import annotations
@@ -37,11 +43,14 @@ def prediction_object(
     names them), or bare base64 strings when the job asked for `enable_base64_output` and
     `base64_outputs` is left on (history and webhook bodies list URLs)."""
     completed = job.status is State.COMPLETED
+    expired = job.outputs_expired_at is not None
     keys = job.outputs if completed else []
-    if completed and job.input.get("enable_base64_output") and base64_outputs:
-        outputs = [base64.b64encode(storage.read_bytes(k)).decode("ascii") for k in keys]
-    else:
-        outputs = [storage.url(base_url, k) for k in keys]
+    outputs = [storage.url(base_url, k) for k in keys]
+    if completed and not expired and job.input.get("enable_base64_output") and base64_outputs:
+        try:
+            outputs = [base64.b64encode(storage.read_bytes(k)).decode("ascii") for k in keys]
+        except KeyError:  # deleted by retention a moment before the row says so: the URLs
+            pass
     inference_ms = job.inference_ms or 0
     data: dict[str, Any] = {
         "id": job.id,
@@ -63,6 +72,9 @@ def prediction_object(
     }
     if job.seed is not None:
         data["seed"] = job.seed
+    if job.outputs_expired_at is not None:
+        data["outputs_expired"] = True
+        data["outputs_expired_at"] = rfc3339(job.outputs_expired_at)
     if completed:
         data["safety_checked"] = bool(job.extra.get("safety_checked", False))
         if job.extra.get("render_size"):

@@ -1,4 +1,5 @@
-"""Runner factories named after the failure they simulate, for the worker's failure tests.
+"""Runner factories named after the failure they simulate, for the worker's failure tests, and
+a two-stage runner (render, then finish) whose stages a test holds, releases or fails.
 
 Each is a `server.kernel.runner.RunnerFactory` (it takes the worker's settings). A runner made
 by one misbehaves only on jobs whose prompt starts with "boom" and completes every other job at
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.kernel.runner import Media, ProgressFn, RunResult
+from server.kernel.runner import Media, ProgressFn, Rendered, RunResult
 
 # hangs_in_step blocks until this is set (in-process tests only).
 RELEASE_HANG = threading.Event()
@@ -141,10 +142,10 @@ def fill_the_store(monkeypatch, *, new_connections_fail: bool = False) -> thread
     def faulty_conn(self):
         return _FullDiskConnection(conn(self))
 
-    def faulty_connect(self):
+    def faulty_connect(self, *args, **kw):
         if new_connections_fail and DISK_FULL.is_set():
             raise sqlite3.OperationalError("unable to open database file")
-        return connect(self)
+        return connect(self, *args, **kw)
 
     monkeypatch.setattr(SqliteJobStore, "_conn", faulty_conn)
     monkeypatch.setattr(SqliteJobStore, "_connect", faulty_connect)
@@ -224,3 +225,132 @@ def store_unavailable_at_start(settings) -> FakeRunner:
     from server.worker.loop import EXIT_STORE_UNAVAILABLE
 
     raise SystemExit(EXIT_STORE_UNAVAILABLE)
+
+
+# Two stages ---------------------------------------------------------------------------------------
+class Stages:
+    """What `TwoStageRunner`s of this process do, by stage and prompt ("render:a", "finish:a"):
+    each stage records when it starts and ends, waits while it is held, and raises when told to.
+    In-process tests only; `held_once_on_disk` is the cross-process kind."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[str, threading.Event] = {}
+        self.held: dict[str, bool] = {}  # name -> whether progress is reported while held
+        self.failures: dict[str, BaseException] = {}
+        self.log: list[str] = []
+
+    def reset(self) -> None:
+        with self._lock:
+            for e in self._events.values():  # a stage still held by an earlier test lets go
+                e.set()
+            self._events.clear()
+            self.held.clear()
+            self.failures.clear()
+            self.log.clear()
+
+    def event(self, name: str) -> threading.Event:
+        with self._lock:
+            return self._events.setdefault(name, threading.Event())
+
+    def hold(self, name: str, *, report: bool = True) -> None:
+        """Hold the stage `name` once it starts, until `release`; calling progress every 20 ms
+        while held when `report` (so a cancel or a lost lease stops it there), else not at all
+        (a step that does not return)."""
+        self.held[name] = report
+        self.event(name + ":released").clear()
+
+    def release(self, name: str) -> None:
+        self.held.pop(name, None)
+        self.event(name + ":released").set()
+
+    def fail(self, name: str, exc: BaseException) -> None:
+        self.failures[name] = exc
+
+    def wait(self, name: str, timeout: float = 20) -> None:
+        """Until the stage event `name` ("render:a:started", "finish:a:ended", ...) happened."""
+        if not self.event(name).wait(timeout):
+            raise AssertionError(f"{name} did not happen within {timeout} s; seen: {self.log}")
+
+    def happened(self, name: str) -> bool:
+        return self.event(name).is_set()
+
+    def run(self, name: str, progress: ProgressFn) -> None:
+        with self._lock:
+            self.log.append(name + ":started")
+        self.event(name + ":started").set()
+        if name in self.held:
+            report = self.held[name]
+            released = self.event(name + ":released")
+            try:
+                while not released.wait(0.02):
+                    if report:
+                        progress(None)
+            finally:
+                self.held.pop(name, None)  # once: a job run again is not held again
+        exc = self.failures.pop(name, None)
+        with self._lock:
+            self.log.append(name + ":ended")
+        self.event(name + ":ended").set()
+        if exc is not None:
+            raise exc
+
+
+STAGES = Stages()
+
+
+class TwoStageRunner(FakeRunner):
+    """A runner with a device stage (`render`) and a CPU stage (`finish`), as the real one has.
+    `hook(stage, prompt, progress)` runs inside each stage (STAGES.run by default)."""
+
+    def __init__(self, hook=None):
+        super().__init__()
+        self.hook = hook or (lambda stage, prompt, progress: STAGES.run(f"{stage}:{prompt}", progress))
+
+    def render(self, request, media: Media, workdir: Path, progress: ProgressFn) -> Rendered:
+        self.runs.append(request.prompt)
+        progress(0.1)
+        self.hook("render", request.prompt, progress)
+        (workdir / "frames.raw").write_bytes(b"rendered frames")  # what finish reads
+        progress(0.9)
+        return Rendered(payload=request.prompt, seed=max(request.seed, 0), inference_ms=1,
+                        render_size=(request.width, request.height))  # fmt: skip
+
+    def finish(self, rendered: Rendered, workdir: Path, progress: ProgressFn) -> RunResult:
+        progress(0.95)
+        self.hook("finish", rendered.payload, progress)
+        frames = (workdir / "frames.raw").read_bytes()  # the work dir outlived the hand-off
+        path = workdir / "output.mp4"
+        path.write_bytes(b"not really an mp4: " + frames)
+        return RunResult(video_path=path, seed=rendered.seed, inference_ms=rendered.inference_ms,
+                         render_size=rendered.render_size)  # fmt: skip
+
+    def run(self, request, media: Media, workdir: Path, progress: ProgressFn) -> RunResult:
+        return self.finish(self.render(request, media, workdir, progress), workdir, progress)
+
+
+def two_stage(settings) -> TwoStageRunner:
+    return TwoStageRunner()
+
+
+def _held_once_on_disk(settings):
+    """In a spawned worker: the finish of a "boom" job hangs (reporting progress) the first time
+    it runs on this data dir, until the process is killed; every other stage returns at once."""
+    marker = Path(settings.data_dir) / "boom-finish-held"
+
+    def hook(stage: str, prompt: str, progress: ProgressFn) -> None:
+        if stage != "finish" or not prompt.startswith("boom"):
+            return
+        try:
+            marker.touch(exist_ok=False)
+        except FileExistsError:
+            return  # the run after the kill
+        for _ in range(1200):  # 60 s, far longer than any test waits
+            time.sleep(0.05)
+            progress(None)
+
+    return hook
+
+
+def held_once_on_disk(settings) -> TwoStageRunner:
+    return TwoStageRunner(_held_once_on_disk(settings))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
@@ -25,7 +26,9 @@ from server.routes.body import read_capped
 from server.schemas import request_schema, validate_submit
 from server.settings import MODEL_ID
 from server.state import AppState, state_of
-from server.store import IdempotencyConflict, Job, NewJob, QueueFull
+from server.store import IdempotencyConflict, Job, NewJob, QueueFull, StoreBusy
+from server.logs import bind_job
+from server.wakeup import nudge
 
 log = logging.getLogger("wan_vace.api")
 router = APIRouter(dependencies=[Depends(require_key)])
@@ -71,6 +74,32 @@ def _check_webhook_url(url: str) -> None:
         raise bad_request("webhook must be an absolute http(s) URL")
 
 
+def _reads_files(job: Job) -> bool:
+    """Whether rendering the job reads its output files (base64 outputs): too slow for the loop."""
+    return (
+        job.status is State.COMPLETED
+        and bool(job.input.get("enable_base64_output"))
+        and job.outputs_expired_at is None
+    )
+
+
+async def _rendered(st: AppState, request: Request, job_id: str, job: Job | None = None) -> dict[str, Any]:
+    """The job's `data`, built on the event loop itself when that is cheap: one row read by its
+    key and, for a queued job, an index count (tens of microseconds; a thread hop costs more
+    than the query, measured under wrk). The reads run in the store's nonblocking mode, so a
+    store locked by another connection cannot stall the loop; then, and for base64 outputs
+    (file reads), the answer is built in the thread pool instead: one hop."""
+    try:
+        with st.store.nonblocking():
+            job = job or _get_or_404(st, job_id)
+            if not _reads_files(job):
+                return _data(st, request, job)
+    except StoreBusy:
+        pass
+    found = job
+    return await run_in_threadpool(lambda: _data(st, request, found or _get_or_404(st, job_id)))
+
+
 def _data(st: AppState, request: Request, job: Job) -> dict[str, Any]:
     data = prediction_object(job, st.base_url(request), storage=st.storage)
     if job.status is State.CREATED:
@@ -93,11 +122,6 @@ async def submit(request: Request) -> dict[str, Any]:
     if webhook:
         _check_webhook_url(webhook)
     inp["webhook_url"] = webhook or None
-    # Before anything is stored: a job no worker can run is refused now, not queued forever,
-    # and one the disk has no room for (507) before the disk is full.
-    await run_in_threadpool(check_can_run, st, inp)
-    check_free_space(st.settings)
-
     job_id = secrets.token_hex(16)
     base = st.base_url(request)
     key = request.headers.get("idempotency-key")
@@ -113,8 +137,13 @@ async def submit(request: Request) -> dict[str, Any]:
     limits = {"image": s.max_image_bytes, "video": s.max_video_bytes}
 
     def create() -> tuple[Job, bool]:
+        # Before anything is stored: a job no worker can run is refused now, not queued
+        # forever, and one the disk has no room for (507) before the disk is full. In the same
+        # thread hop as the insert: each hop costs more than these checks.
+        check_can_run(st, inp)
+        check_free_space(st.settings)
         stored = store_inline_media(inp, job_id, st.storage, base, limits)
-        return st.store.create(
+        job, created = st.store.create(
             NewJob(
                 id=job_id,
                 model=MODEL_ID,
@@ -127,9 +156,13 @@ async def submit(request: Request) -> dict[str, Any]:
             ),
             max_queue=s.max_queue,
         )
+        if created:  # committed: idle workers on this host claim it now, not at their next poll
+            nudge(s.data_dir)
+        return job, created
 
+    bind_job(job_id)
     try:
-        job, _created = await run_in_threadpool(create)
+        job, created = await run_in_threadpool(create)
     except QueueFull:
         raise ApiError(
             429, f"The queue is full ({s.max_queue} jobs waiting); retry later.", headers={"Retry-After": "5"}
@@ -141,7 +174,7 @@ async def submit(request: Request) -> dict[str, Any]:
 
     if inp["enable_sync_mode"]:
         job = await _wait_for(st, job.id, s.sync_timeout)
-        data = _data(st, request, job)
+        data = await _rendered(st, request, job.id, job)
         if not job.status.terminal:
             # [compat] The SDKs recognise this exact form as a sync-mode timeout (contract §3.3).
             data["code"] = CODE_TIMEOUT
@@ -151,7 +184,7 @@ async def submit(request: Request) -> dict[str, Any]:
             )
             data["status"] = State.PROCESSING.value
         return success(data)
-    return success(_data(st, request, job))
+    return success(await _rendered(st, request, job.id, job))
 
 
 async def _wait_for(st: AppState, job_id: str, budget: float) -> Job:
@@ -175,9 +208,9 @@ def _get_or_404(st: AppState, job_id: str) -> Job:
 @router.get("/api/v3/predictions/{job_id}")
 @router.get("/api/v2/predictions/{job_id}/result")
 @router.get("/api/v2/predictions/{job_id}")
-def result(job_id: str, request: Request) -> dict[str, Any]:
-    st = state_of(request)
-    return success(_data(st, request, _get_or_404(st, job_id)))
+async def result(job_id: str, request: Request) -> dict[str, Any]:
+    bind_job(job_id)
+    return success(await _rendered(state_of(request), request, job_id))
 
 
 @router.post("/api/v3/predictions/{job_id}/cancel")
@@ -185,6 +218,7 @@ def result(job_id: str, request: Request) -> dict[str, Any]:
 def cancel(job_id: str, request: Request) -> dict[str, Any]:
     """Extension (WaveSpeed has none): queued jobs end at once; a running job is marked
     cancelled now and its worker stops at the next denoising step."""
+    bind_job(job_id)
     st = state_of(request)
     job, changed = st.store.cancel(job_id)
     if job is None:
@@ -203,7 +237,11 @@ def cancel(job_id: str, request: Request) -> dict[str, Any]:
 @router.post("/api/v3/predictions")
 async def history(request: Request) -> dict[str, Any]:
     """Paged history (CLI, desktop app): body {page, page_size, status?, created_after?,
-    created_before?, include_inputs?}; timestamps as RFC 3339 or unix seconds."""
+    created_before?, model?, include_inputs?}; timestamps as RFC 3339 or unix seconds; newest
+    first. Extension: a full page's answer carries `next_cursor`; sent back as `cursor` (with
+    the same filters), it reads the page after that one: pages read so neither overlap nor miss a job while
+    new ones arrive (page numbers shift by the jobs created meanwhile). A page costs the same
+    at any table size; a far page number only steps over index entries to find its start."""
     st = state_of(request)
     body = await _json_body(request, empty={})
     if not isinstance(body, dict):
@@ -221,9 +259,15 @@ async def history(request: Request) -> dict[str, Any]:
         return success({"page": page, "page_size": page_size, "total": 0, "items": []})
     after = _time_param(body, "created_after")
     before = _time_param(body, "created_before")
+    cursor = _cursor_param(body)
     jobs, total = await run_in_threadpool(
         lambda: st.store.history(
-            page=page, page_size=page_size, status=status, created_after=after, created_before=before
+            page=page,
+            page_size=page_size,
+            status=status,
+            created_after=after,
+            created_before=before,
+            cursor=cursor,
         )
     )
     base = st.base_url(request)
@@ -234,7 +278,34 @@ async def history(request: Request) -> dict[str, Any]:
         )
         d["execution_time"] = d["executionTime"]
         items.append(d)
-    return success({"page": page, "page_size": page_size, "total": total, "items": items})
+    data = {"page": page, "page_size": page_size, "total": total, "items": items}
+    if len(jobs) == page_size:  # there may be more (the next page can be empty)
+        data["next_cursor"] = _cursor_of(jobs[-1])
+    return success(data)
+
+
+def _cursor_of(job: Job) -> str:
+    """Opaque to clients: the (created_at, id) the next page starts after."""
+    raw = json.dumps([job.created_at, job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _cursor_param(body: dict[str, Any]) -> tuple[float, str] | None:
+    v = body.get("cursor")
+    if v in (None, ""):
+        return None
+    invalid = bad_request("cursor must be a next_cursor from an earlier history answer")
+    if not isinstance(v, str):
+        raise invalid
+    try:
+        key = json.loads(base64.urlsafe_b64decode(v + "=" * (-len(v) % 4)))
+    except ValueError:  # not base64, not UTF-8 or not JSON
+        raise invalid from None
+    if not (isinstance(key, list) and len(key) == 2 and isinstance(key[1], str)):
+        raise invalid
+    if isinstance(key[0], bool) or not isinstance(key[0], (int, float)):
+        raise invalid
+    return float(key[0]), key[1]
 
 
 def _int_param(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:

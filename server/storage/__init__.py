@@ -4,7 +4,8 @@
 the URL <-> key mapping. Backends implement it; the API and the workers hold one instance, made
 by `open_storage(settings)`, and go through it for every key and URL, so a second backend (S3,
 the scale-out issue) changes no caller. `LocalStorage` (local.py) is the embedded one: a folder
-in the data dir served at `/media/{key}`. Keys contain a random token, so a media URL is
+in the data dir served at `/media/{key}`. Retention (server/retention.py) lists and deletes
+through the same contract (`iter_objects`, `delete`, `delete_prefix`, `usage`). Keys contain a random token, so a media URL is
 unguessable and needs no API key.
 """
 
@@ -12,10 +13,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.storage.base import MEDIA_PREFIX, InvalidKey, Storage, check_key, media_url
+from server.storage.base import (
+    MEDIA_PREFIX,
+    InvalidKey,
+    Storage,
+    StoredObject,
+    Usage,
+    check_key,
+    media_url,
+)
 from server.storage.local import LocalStorage
 
-__all__ = ["MEDIA_PREFIX", "InvalidKey", "LocalStorage", "Storage", "check_key", "media_url", "open_storage"]
+__all__ = [
+    "MEDIA_PREFIX",
+    "InvalidKey",
+    "LocalStorage",
+    "Storage",
+    "StoredObject",
+    "Usage",
+    "check_key",
+    "media_url",
+    "open_storage",
+]
 
 
 def open_storage(settings: Any) -> Storage:

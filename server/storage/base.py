@@ -7,6 +7,12 @@ component and 1024 in all (S3's limit; local file systems allow about as much). 
 them names nothing: `InvalidKey`, a `KeyError` like "not stored", so a reader answers 404 without
 telling the two apart.
 
+Listing and deleting, for retention (server/retention.py): `iter_objects(prefix)` walks the
+objects under a key prefix with their size and modification time, `delete(key)` and
+`delete_prefix(prefix)` remove them. A prefix names whole key components (`outputs/<job>` is
+`outputs/<job>/...`, never `outputs/<job>x/...`), which is how an object store lists (by prefix,
+with LastModified) and deletes (in batches) too.
+
 Serving: `local_path(key)` hands the route a file, and `FileResponse` answers Range requests
 (video players seek with them) itself. An object store has no such file; it will answer `url()`
 with its own (presigned) address instead, so `/media/` is never asked for its keys.
@@ -16,7 +22,10 @@ from __future__ import annotations
 
 import secrets
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 MEDIA_PREFIX = "/media/"
 _MAX_COMPONENT_BYTES = 255
@@ -40,6 +49,25 @@ def check_key(key: str) -> str:
         if part in ("", ".", "..") or len(part.encode("utf-8")) > _MAX_COMPONENT_BYTES:
             raise InvalidKey(key)
     return key
+
+
+def check_prefix(prefix: str) -> str:
+    """A listing prefix: "" (everything) or whole key components, without a trailing `/`."""
+    if prefix:
+        check_key(prefix)
+    return prefix
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int  # bytes
+    mtime: float  # when it was last written (Unix time), S3's LastModified
+
+
+class Usage(NamedTuple):
+    bytes: int
+    files: int
 
 
 def media_url(base_url: str, key: str) -> str:
@@ -86,6 +114,32 @@ class Storage(ABC):
     def local_path(self, key: str) -> Path:
         """The file holding the object, for the `/media/` route to serve with ranged reads;
         KeyError when the key names no stored object."""
+
+    @abstractmethod
+    def iter_objects(self, prefix: str = "") -> Iterator[StoredObject]:
+        """Every stored object under `prefix` ("" for all), in no particular order; objects
+        written or removed meanwhile may or may not appear. Writes still in progress are not
+        objects yet and never appear. InvalidKey for a prefix that breaks the key rules."""
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove one object; False when nothing was stored under `key`."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every object under `prefix` (a non-empty one: there is no "delete all");
+        returns how many were removed."""
+
+    def iter_older_than(self, prefix: str, cutoff: float) -> Iterator[StoredObject]:
+        """The objects under `prefix` last written before `cutoff` (Unix time)."""
+        return (o for o in self.iter_objects(prefix) if o.mtime < cutoff)
+
+    def usage(self, prefix: str = "") -> Usage:
+        """Bytes and objects stored under `prefix`. Walks them all: callers cache it."""
+        size = files = 0
+        for o in self.iter_objects(prefix):
+            size, files = size + o.size, files + 1
+        return Usage(size, files)
 
     def url(self, base_url: str, key: str) -> str:
         """The URL clients fetch the object at."""

@@ -5,20 +5,28 @@ to disk and then renamed over it (`os.replace` is atomic within a file system). 
 writers of one key each have their own temporary file; the last rename wins whole. A write that
 fails for any reason (ENOSPC on a full disk included) removes its temporary file and the
 folders it created for the key, and raises the error.
+
+Listing walks the folder without following symbolic links and leaves out the temporary files of
+writes in progress. Deleting removes the files, then the folders left empty, up to (not
+including) the top-level folder (`outputs/`, `uploads/` ...), which a writer may be using.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from server.diskspace import is_disk_full
-from server.storage.base import InvalidKey, Storage, check_key
+from server.storage.base import InvalidKey, Storage, StoredObject, check_key, check_prefix
+
+# The temporary file of a write in progress (`_write`): not an object.
+_PART = re.compile(r"\.[0-9a-f]{16}\.part")
 
 
 class LocalStorage(Storage):
@@ -117,3 +125,77 @@ class LocalStorage(Storage):
         except KeyError:
             return False
         return True
+
+    # Listing and deleting (retention) ---------------------------------------------------------
+    def iter_objects(self, prefix: str = "") -> Iterator[StoredObject]:
+        top = self._path(check_prefix(prefix)) if prefix else self.root
+        try:
+            if top.is_file() and not top.is_symlink():  # the prefix names one object
+                st = top.stat()
+                yield StoredObject(prefix, st.st_size, st.st_mtime)
+                return
+        except OSError:
+            return
+        stack = [top]
+        while stack:
+            try:
+                entries = list(os.scandir(stack.pop()))
+            except OSError:  # removed meanwhile, or not a folder
+                continue
+            for e in entries:
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(Path(e.path))
+                        continue
+                    if _PART.fullmatch(e.name) or not e.is_file(follow_symlinks=False):
+                        continue
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                yield StoredObject(Path(e.path).relative_to(self.root).as_posix(), st.st_size, st.st_mtime)
+
+    def delete(self, key: str) -> bool:
+        try:
+            p = self._path(key)
+            if p.is_symlink() or not p.is_file():
+                return False
+            p.unlink()
+        except (FileNotFoundError, InvalidKey):
+            return False
+        self._prune_empty(p.parent)
+        return True
+
+    def delete_prefix(self, prefix: str) -> int:
+        if not prefix:
+            raise InvalidKey(prefix)  # never "everything": retention always names what goes
+        top = self._path(check_prefix(prefix))
+        if not top.is_dir() or top.is_symlink():
+            return int(self.delete(prefix))
+        removed = 0
+        for folder, _dirs, files in os.walk(top, topdown=False):
+            for name in files:
+                p = Path(folder) / name
+                if _PART.fullmatch(name) or p.is_symlink():
+                    continue
+                try:
+                    p.unlink()
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+            if Path(folder).parent == self.root:
+                continue  # a top-level folder stays, as in _prune_empty
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty: something stays (a write in progress, a link)
+                pass
+        self._prune_empty(top.parent)
+        return removed
+
+    def _prune_empty(self, d: Path) -> None:
+        """Remove `d` and its parents while empty, keeping the root and its top-level folders."""
+        while d != self.root and d.parent != self.root and self.root in d.parents:
+            try:
+                d.rmdir()
+            except OSError:
+                return
+            d = d.parent

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +25,13 @@ from server.kernel.jobstate import RenewResult, State, WorkerState
 __all__ = [
     "IdempotencyConflict",
     "Job",
+    "JobTiming",
     "JobStore",
     "NewJob",
     "QueueFull",
     "ReleasedJob",
     "RenewResult",
+    "StoreBusy",
     "StoreUnavailable",
     "WebhookDelivery",
     "WorkerInfo",
@@ -63,6 +66,9 @@ class Job:
     idempotency_key: str | None = None
     request_hash: str | None = None
     available_at: float | None = None
+    # When retention deleted this finished job's files (output, inline inputs, conditioning);
+    # None while they are kept.
+    outputs_expired_at: float | None = None
 
 
 @dataclass
@@ -118,6 +124,24 @@ class StoreUnavailable(Exception):
         self.at = time.time()
 
 
+@dataclass(frozen=True)
+class JobTiming:
+    """When one finished job was created, started and ended, and how long its denoising took:
+    what the /metrics duration histograms are computed from (`JobStore.finished_timings`)."""
+
+    status: str
+    created_at: float
+    started_at: float | None  # None: it ended without ever being claimed (cancelled or failed queued)
+    finished_at: float
+    inference_ms: int | None
+    steps: int | None  # the request's num_inference_steps
+
+
+class StoreBusy(Exception):
+    """A call in nonblocking mode (`JobStore.nonblocking`) found the store locked by another
+    connection and did not wait. The same call made outside that mode waits for the lock."""
+
+
 @dataclass
 class WorkerInfo:
     id: str
@@ -154,6 +178,12 @@ class JobStore(ABC):
     # The last StoreUnavailable this store raised, until a write transaction commits again
     # (/health reads it); None while writes work.
     write_error: StoreUnavailable | None = None
+
+    def nonblocking(self) -> AbstractContextManager[None]:
+        """Within this block, this thread's calls never wait long for another connection's lock:
+        they raise StoreBusy instead (for the API's event loop, which must not stall; it hands a
+        busy call to a thread). A backend that never waits on a lock keeps this default."""
+        return nullcontext()
 
     @abstractmethod
     def create(self, job: NewJob, *, max_queue: int | None = None) -> tuple[Job, bool]:
@@ -238,10 +268,20 @@ class JobStore(ABC):
 
     @abstractmethod
     def queue_position(self, job: Job) -> int:
-        """How many queued jobs will be claimed before `job` (0 = next)."""
+        """How many queued jobs come before `job` in claim order (0 = next), exact, read from an
+        index (a poll of a queued job asks it). A job ahead waiting out a retry delay counts:
+        it is claimed first once its delay is over."""
 
     @abstractmethod
-    def count_by_status(self) -> dict[str, int]: ...
+    def count_by_status(self) -> dict[str, int]:
+        """Jobs per status, statuses with none left out; kept as jobs move, not counted on each
+        call (/health asks it), so its cost does not grow with the history."""
+
+    @abstractmethod
+    def finished_timings(self, since: float, limit: int) -> list[JobTiming]:
+        """The timings of up to `limit` jobs that ended at or after `since`, the latest first.
+        Read by the index on finished_at, so the cost follows the jobs in that window, not the
+        length of the history."""
 
     @abstractmethod
     def history(
@@ -252,7 +292,17 @@ class JobStore(ABC):
         status: str | None = None,
         created_after: float | None = None,
         created_before: float | None = None,
-    ) -> tuple[list[Job], int]: ...
+        cursor: tuple[float, str] | None = None,
+    ) -> tuple[list[Job], int]:
+        """One page of jobs, newest first (created_at, then id, both descending), and the total
+        matching the filters (`created_after`/`created_before` inclusive). Page N starts after
+        the first (N-1) x page_size matches; with `cursor`, the (created_at, id) of the last job
+        of the page before, the page starts right after that job instead, so pages read one
+        after another neither overlap nor miss a job however many are created meanwhile.
+
+        The cost does not grow with the table: the page is read by seeking an index, its
+        boundary found over index entries alone, and the total of an unwindowed query comes
+        from kept counts (a window is counted over an index range)."""
 
     # Workers -------------------------------------------------------------------------------
     @abstractmethod
@@ -297,6 +347,38 @@ class JobStore(ABC):
         (a compare-and-set on the token). `next_attempt_at=None` with delivered=False gives up;
         `status_code` is the receiver's HTTP answer (None: no answer). Returns False, changing
         nothing, when the claim was taken over or the row is no longer pending."""
+
+    # Retention (server/retention.py) ---------------------------------------------------------
+    @abstractmethod
+    def expirable(self, finished_before: float, limit: int) -> list[Job]:
+        """Up to `limit` terminal jobs that ended before `finished_before` and whose files are
+        not marked expired yet, the oldest first (read by an index, so a long history of
+        expired rows costs nothing)."""
+
+    @abstractmethod
+    def mark_outputs_expired(self, job_ids: list[str], at: float) -> int:
+        """Record that these jobs' files were deleted at `at`. Only terminal jobs not marked yet
+        are written; returns how many were."""
+
+    @abstractmethod
+    def prunable(self, finished_before: float, limit: int) -> list[str]:
+        """Ids of up to `limit` terminal jobs that ended before `finished_before` and have no
+        webhook still to deliver, the oldest first."""
+
+    @abstractmethod
+    def delete_jobs(self, job_ids: list[str], finished_before: float) -> int:
+        """Delete these job rows and their webhook outbox rows in one transaction: only those
+        still terminal, ended before `finished_before`, with no webhook still to deliver.
+        Returns how many job rows were deleted."""
+
+    @abstractmethod
+    def acquire_lock(self, name: str, owner: str, seconds: float, now: float | None = None) -> bool:
+        """Take the named lock for `seconds` from `now`, or renew it: True when it was free, had
+        run out, or `owner` held it already; False while someone else holds it."""
+
+    @abstractmethod
+    def release_lock(self, name: str, owner: str) -> None:
+        """Give the lock up, if `owner` holds it."""
 
     @abstractmethod
     def get_setting(self, key: str) -> str | None: ...

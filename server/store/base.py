@@ -122,6 +122,30 @@ class TransactionalJobStore(JobStore, Generic[C]):
         """Write `values` to a pending row while claim `token` holds it, count one more attempt and
         end the claim. True when the row was written."""
 
+    @abstractmethod
+    def _fetch_finished(
+        self, c: C, *, before: float, limit: int, unexpired: bool = False, settled: bool = False
+    ) -> list[Job]:
+        """Terminal jobs that ended before `before`, oldest first, at most `limit`; with
+        `unexpired`, only those whose files are not marked expired; with `settled`, only those
+        with no webhook still to deliver."""
+
+    @abstractmethod
+    def _set_outputs_expired(self, c: C, job_ids: list[str], at: float) -> int:
+        """Set outputs_expired_at on those of the jobs that are terminal and not marked yet."""
+
+    @abstractmethod
+    def _delete_finished(self, c: C, job_ids: list[str], before: float) -> int:
+        """Delete those of the jobs that are terminal, ended before `before` and have no webhook
+        still to deliver, and the outbox rows of every job so deleted."""
+
+    @abstractmethod
+    def _take_lock(self, c: C, name: str, owner: str, until: float, now: float) -> bool:
+        """Set the lock to (`owner`, `until`) if it is absent, ran out by `now`, or is `owner`'s."""
+
+    @abstractmethod
+    def _drop_lock(self, c: C, name: str, owner: str) -> None: ...
+
     # Transitions -----------------------------------------------------------------------------
     def _transition(
         self, c: C, job: Job, event: Event, *, owner: str | None = None, **values: Any
@@ -355,6 +379,40 @@ class TransactionalJobStore(JobStore, Generic[C]):
     def queue_position(self, job: Job) -> int:
         with self._session() as c:
             return self._count_queued(c, ahead_of=job)
+
+    # Retention -------------------------------------------------------------------------------
+    # Each call is one short statement or transaction over at most `limit` rows, so the API's
+    # own writes never wait long behind a cleanup pass.
+    def expirable(self, finished_before: float, limit: int) -> list[Job]:
+        with self._session() as c:
+            return self._fetch_finished(c, before=finished_before, limit=limit, unexpired=True)
+
+    def mark_outputs_expired(self, job_ids: list[str], at: float) -> int:
+        if not job_ids:
+            return 0
+        with self._transaction() as c:
+            return self._set_outputs_expired(c, job_ids, at)
+
+    def prunable(self, finished_before: float, limit: int) -> list[str]:
+        with self._session() as c:
+            return [j.id for j in self._fetch_finished(c, before=finished_before, limit=limit, settled=True)]
+
+    def delete_jobs(self, job_ids: list[str], finished_before: float) -> int:
+        if not job_ids:
+            return 0
+        # The conditions are checked again inside the transaction: a row selected earlier may
+        # have gained a pending webhook meanwhile (it cannot leave a terminal state).
+        with self._transaction() as c:
+            return self._delete_finished(c, job_ids, finished_before)
+
+    def acquire_lock(self, name: str, owner: str, seconds: float, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        with self._transaction() as c:
+            return self._take_lock(c, name, owner, now + seconds, now)
+
+    def release_lock(self, name: str, owner: str) -> None:
+        with self._transaction() as c:
+            self._drop_lock(c, name, owner)
 
     # Webhook outbox --------------------------------------------------------------------------
     def due_webhooks(

@@ -10,6 +10,16 @@
     4  webhook_outbox.claim_token and claim_expires: each delivery is claimed on its own, and only
        the claim's holder records its result; last_status: the receiver's last HTTP answer (a
        410 that ended a delivery shows there). Added as NULLs: no row is under a claim yet.
+    5  queries that do not grow with the table: jobs_order (status, created_at, id) serves the
+       claim, queue positions (an index-only range count) and history by status; jobs_created
+       (created_at, id) serves history; jobs_queue, a prefix of jobs_order, is dropped (an
+       index, no data). job_counts holds the number of jobs in each status, kept by triggers on
+       jobs (insert, status change, delete), so /health, the queue cap and history totals read
+       a few rows instead of counting the table; the step fills it from the rows there.
+    6  retention: jobs.outputs_expired_at (when a finished job's files were deleted; NULL on
+       every existing row, so they are all candidates), the indexes retention reads by
+       (jobs_expiry for files still kept, jobs_finished for rows to prune, outbox_job for a
+       job's outbox rows), and the `locks` table (one cleanup pass at a time across processes).
 
 Releases before versioning left user_version at 0 with their tables in place; every step
 inspects the columns it changes, so running all steps on such a database brings it up from
@@ -30,7 +40,7 @@ from collections.abc import Callable
 
 log = logging.getLogger("wan_vace.store")
 
-CURRENT = 4
+CURRENT = 6
 
 # Version 1 exactly as 8d9fe02 wrote it. IF NOT EXISTS also fills in the tables that a crash in
 # the middle of that release's (non-transactional) schema script could have left missing.
@@ -149,7 +159,66 @@ def _to_v4(c: sqlite3.Connection) -> None:
             c.execute(f"ALTER TABLE webhook_outbox ADD COLUMN {name} {decl}")
 
 
-_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_v1, 2: _to_v2, 3: _to_v3, 4: _to_v4}
+# --- version 5: query-speed indexes and maintained counts (begin) ---------------------------
+_V5 = """
+CREATE INDEX IF NOT EXISTS jobs_order ON jobs (status, created_at, id);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at, id);
+DROP INDEX IF EXISTS jobs_queue;
+CREATE TABLE IF NOT EXISTS job_counts (status TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID
+"""
+
+# One statement each: a trigger body holds semicolons, which _run would split on. Every writer
+# of the file (any process, any release from this one on) keeps the counts, whatever SQL it runs.
+_V5_TRIGGERS = (
+    """CREATE TRIGGER IF NOT EXISTS job_counts_insert AFTER INSERT ON jobs BEGIN
+        INSERT INTO job_counts (status, n) VALUES (NEW.status, 1)
+            ON CONFLICT (status) DO UPDATE SET n = n + 1;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS job_counts_update AFTER UPDATE OF status ON jobs
+    WHEN OLD.status IS NOT NEW.status BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
+        INSERT INTO job_counts (status, n) VALUES (NEW.status, 1)
+            ON CONFLICT (status) DO UPDATE SET n = n + 1;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS job_counts_delete AFTER DELETE ON jobs BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
+    END""",
+)
+
+
+def _to_v5(c: sqlite3.Connection) -> None:
+    _run(c, _V5)
+    for trigger in _V5_TRIGGERS:
+        c.execute(trigger)
+    # Counted again from the rows (inside the migration's write lock, so nothing moves
+    # meanwhile); rows that reached 0 stay, so running the step twice changes nothing.
+    c.execute("UPDATE job_counts SET n = 0")
+    c.execute(
+        "INSERT INTO job_counts (status, n) SELECT status, COUNT(*) FROM jobs WHERE true GROUP BY status"
+        " ON CONFLICT (status) DO UPDATE SET n = excluded.n"
+    )
+
+
+# --- version 5 (end) -------------------------------------------------------------------------
+
+
+_V6 = """
+CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (outputs_expired_at, finished_at);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
+CREATE INDEX IF NOT EXISTS outbox_job ON webhook_outbox (job_id);
+CREATE TABLE IF NOT EXISTS locks (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL)
+"""
+
+
+def _to_v6(c: sqlite3.Connection) -> None:
+    if "outputs_expired_at" not in _columns(c, "jobs"):
+        c.execute("ALTER TABLE jobs ADD COLUMN outputs_expired_at REAL")
+    _run(c, _V6)
+
+
+_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _to_v1, 2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5, 6: _to_v6,
+}  # fmt: skip
 assert sorted(_STEPS) == list(range(1, CURRENT + 1))
 
 

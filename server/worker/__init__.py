@@ -1,7 +1,10 @@
 """Workers: the processes that run jobs, talking to the API only through the store.
 
 - `loop`: a worker's life: load the runner once, claim jobs with a lease, heartbeat, stop;
-- `job`: one job: fetch its media, run it, store the outputs, record the outcome;
+- `handoff`: the one-job hand-off between a worker's device stage (render) and its CPU stage
+  (encode, store, record);
+- `job`: one job: fetch its media, render, finish, store the outputs, record the outcome (in two
+  stages, or one for a runner with only `run`);
 - `fetching`: media inputs by URL, or from our own storage for our own URLs;
 - `supervision`: the API process's side: spawn local workers, restart the dead, hand their
   jobs back, expire leases, fail queued jobs no worker can run (after a grace);

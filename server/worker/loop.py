@@ -2,8 +2,19 @@
 go on. It talks to the API process only through the store, so the same code runs as a child of
 `wan-vace serve` or alone (`wan-vace worker`) on another machine.
 
-Liveness: a heartbeat thread renews the worker row and the current job's lease every second;
-the step callback renews too and is where cancellation and a lost lease stop the job.
+Two stages, so the device never waits for CPU work: a device-stage thread claims a job,
+fetches its media and renders it (`Runner.render`), then hands it over (server/worker/handoff.py,
+one job) to a CPU-stage thread that encodes it (`Runner.finish`), stores the outputs and records
+the outcome, while the device stage claims and renders the next. The next claim waits until the
+CPU stage took the last job, so a worker holds at most two jobs (one per stage) and is `busy`
+while it holds any. A runner with only `run` runs each job in the device-stage thread alone.
+
+Idle, the device stage waits for a nudge from the API on this host (server/wakeup.py: a job was
+just queued) or `poll_interval`, whichever comes first; polling finds jobs queued elsewhere.
+
+Liveness: a heartbeat thread renews the worker row and the leases of the jobs of both stages
+every second; each stage's progress callback renews too and is where cancellation and a lost
+lease stop the job (the CPU stage checks again before it stores anything).
 
 A store or storage outage (a full disk) never ends a worker: a failed claim is retried with
 backoff (0.5 s doubling to 10 s), the heartbeat keeps trying every second, a job's outcome is
@@ -14,8 +25,10 @@ as a crash.
 
 Stopping: SIGTERM and SIGINT (Ctrl-C reaches the whole terminal process group, the spawned
 workers with the server) and the parent server's exit all stop the worker gracefully: it hands
-its job back to the queue without counting the attempt (the job did nothing wrong), logs one
-line and exits 0. Only a crash, a lost lease or an error costs an attempt.
+its jobs (both stages') back to the queue without counting the attempts (the jobs did nothing
+wrong), logs one line and exits 0. Only a crash, a lost lease or an error costs an attempt; a
+worker killed between the stages leaves its jobs leased to it, so the supervisor's hand-back (or
+the lease running out) re-queues them.
 """
 
 from __future__ import annotations
@@ -30,10 +43,12 @@ import time
 from typing import Any
 
 from server.kernel.jobstate import WorkerState
-from server.kernel.runner import Runner, RunnerFactory
+from server.kernel.runner import Rendered, Runner, RunnerFactory
 from server.settings import Settings
 from server.storage import open_storage
 from server.store import Job, WorkerInfo, open_store
+from server.wakeup import Waker, nudge
+from server.worker.handoff import Handoff
 from server.worker.job import JobRun, remove_work_dirs
 from server.worker.retry import Backoff, Outage, transient
 
@@ -59,12 +74,18 @@ def default_runner_factory(settings: Settings) -> Runner:
             device=settings.device,
             tiny_downscale=settings.tiny_downscale,
             encode_preset=settings.encode_preset,
+            encode_threads=settings.encode_threads,
             cpu_threads=settings.cpu_threads,
             preprocessor_memory=settings.preprocessor_memory,
             safety_checker=settings.safety_checker,
             nsfw_policy=settings.nsfw_policy,
         )
     )
+
+
+def _two_stage(runner: Runner) -> bool:
+    """Whether the runner splits a job into a device and a CPU stage (a simple fake has `run`)."""
+    return callable(getattr(runner, "render", None)) and callable(getattr(runner, "finish", None))
 
 
 class Worker:
@@ -90,28 +111,48 @@ class Worker:
             state=WorkerState.STARTING.value,
             started_at=time.time(),
         )
-        self.current: Job | None = None
+        # The runs of the jobs this worker holds a lease on, in claim order: one per stage at most.
+        self._owned: list[JobRun] = []
         self._stop = threading.Event()
         # Held around a claim and around the hand-back in `stop`: a job claimed while the worker
         # stops is either handed back by it, or never claimed.
         self._claim_lock = threading.Lock()
         # Held through `stop`: `run` returns only once a stop in progress has handed back.
         self._stopping = threading.Lock()
+        # Held while the worker row is changed and written: the stage threads and the heartbeat
+        # would otherwise publish each other's stale states.
+        self._state_lock = threading.RLock()
+        self._handoff: Handoff[tuple[JobRun, Rendered]] | None = None
+        self._waker: Waker | None = None
+        self._cpu_error: BaseException | None = None  # the CPU stage ended on it; so must the worker
         # The store as this worker's threads see it; logs each outage once.
         self.outage = Outage(f"worker {worker_id}", log)
 
+    @property
+    def current(self) -> Job | None:
+        """The job claimed last of those running (the device stage's while there is one)."""
+        with self._state_lock:
+            return self._owned[-1].job if self._owned else None
+
+    @property
+    def owned(self) -> list[Job]:
+        with self._state_lock:
+            return [r.job for r in self._owned]
+
     # Lifecycle -------------------------------------------------------------------------------
     def set_state(self, state: WorkerState, reason: str = "", **info: Any) -> None:
-        self.info.state = state.value
-        self.info.reason = reason
-        self.info.info.update(info)
-        self.info.heartbeat_at = time.time()
-        self._publish()
+        with self._state_lock:
+            self.info.state = state.value
+            self.info.reason = reason
+            self.info.info.update(info)
+            self.info.heartbeat_at = time.time()
+            self._publish()
 
     def _publish(self) -> bool:
         """Write the worker row; during a store outage the heartbeat writes it once it can."""
         try:
-            self.store.upsert_worker(self.info)
+            with self._state_lock:
+                self.store.upsert_worker(self.info)
         except Exception as e:
             if not transient(e):
                 raise
@@ -120,8 +161,30 @@ class Worker:
         self.outage.ok()
         return True
 
-    def _claim(self, backoff: Backoff) -> tuple[Job | None, float]:
-        """The next job (or None) and how long to wait before looking again when there is none."""
+    def _own(self, run: JobRun, owned: bool) -> None:
+        """Record that a job was claimed, or ended in either stage: busy while any is held."""
+        with self._state_lock:
+            if owned:
+                for earlier in self._owned:
+                    if earlier.job.id == run.job.id:
+                        # Its lease was lost and this worker claimed the job again: the earlier
+                        # run (in the CPU stage) must not write, though the store names us owner.
+                        earlier.supersede()
+                self._owned.append(run)
+            else:
+                self._owned = [r for r in self._owned if r is not run]
+            ids = list(dict.fromkeys(r.job.id for r in self._owned))
+            if ids:
+                self.info.info.update(job=ids[-1], jobs=ids)
+            else:
+                self.info.info.pop("job", None)
+                self.info.info.pop("jobs", None)
+            if not self._stop.is_set():  # a stop writes its own state
+                self.set_state(WorkerState.BUSY if ids else WorkerState.READY)
+
+    def _claim(self, backoff: Backoff) -> tuple[Job | None, float | None]:
+        """The next job (or None), and when there is none how long to wait before looking again:
+        None for the poll (a nudge ends it), a backoff after a failed claim."""
         try:
             job = self.store.claim(self.id, self.s.lease_seconds)
         except Exception as e:
@@ -132,7 +195,15 @@ class Worker:
         backoff.reset()
         if job is not None:  # a claim that took a job wrote: the store answers again
             self.outage.ok()
-        return job, self.s.poll_interval
+        return job, None
+
+    def _open_waker(self) -> Waker | None:
+        try:
+            return Waker(self.s.data_dir, self.id)
+        except OSError as e:  # a read-only data dir, a path no socket can have: polling still works
+            log.warning("worker %s: no wake-up socket (%s); looking for jobs every %g s",
+                        self.id, e, self.s.poll_interval)  # fmt: skip
+            return None
 
     def run(self) -> int:
         self.set_state(WorkerState.LOADING)
@@ -144,42 +215,116 @@ class Worker:
             log.exception("model load failed")
             self.set_state(WorkerState.FAILED, reason=f"could not load model {self.s.model!r}: {e}")
             return EXIT_LOAD_FAILED
+        self._waker = self._open_waker()
+        cpu_stage = None
+        if _two_stage(self.runner):
+            self._handoff = Handoff()
+            cpu_stage = threading.Thread(target=self._cpu_stage, name="cpu-stage", daemon=True)
+            cpu_stage.start()
         self.set_state(WorkerState.READY, **self.runner.info)
         log.info("worker %s ready (model %s on %s)", self.id, self.s.model, self.runner.device)
-        backoff = Backoff()
-        while not self._stop.is_set():
-            with self._claim_lock:
-                if self._stop.is_set():
-                    break
-                job, wait = self._claim(backoff)
-            if job is None:
-                self._stop.wait(wait)
-                continue
-            self.current = job
-            self.set_state(WorkerState.BUSY, job=job.id)
-            try:
-                JobRun(
-                    self.s, self.id, self.store, self.storage, self.runner, job,
-                    stop=self._stop, outage=self.outage,
-                ).execute()  # fmt: skip
-            finally:
-                self.current = None
-                self.info.info.pop("job", None)
-                if not self._stop.is_set():
-                    self.set_state(WorkerState.READY)
+        try:
+            self._device_stage()
+        finally:
+            if self._handoff is not None:
+                self._handoff.close()
+            if cpu_stage is not None:
+                cpu_stage.join()  # the job in the CPU stage ends first: stored, or written nothing
+            if self._waker is not None:
+                self._waker.close()
+        if self._cpu_error is not None:
+            raise self._cpu_error
         with self._stopping:  # a stop in progress (another thread) finishes its hand-back first
             self.set_state(WorkerState.STOPPED, reason=self.info.reason)
         return 0
 
+    def _idle(self, backoff: float | None) -> None:
+        """After a claim that found nothing: wait for a nudge from the API (a job was queued on
+        this host) or `poll_interval`, whichever comes first. After a failed claim: the backoff,
+        nudges or not, so a failing store is not hammered."""
+        if backoff is not None:
+            self._stop.wait(backoff)
+        elif self._waker is None:
+            self._stop.wait(self.s.poll_interval)
+        else:
+            self._waker.wait(self.s.poll_interval)
+
+    def _device_stage(self) -> None:
+        """Claim, fetch and render; hand each rendered job to the CPU stage (or, for a runner
+        with one stage, run it all here). The next claim comes once the rendered job was handed
+        over (the CPU stage is free for it), so the next job renders while the last one encodes
+        and at most two are held."""
+        backoff = Backoff()
+        while not self._stop.is_set():
+            if self._cpu_error is not None:
+                raise self._cpu_error
+            if self._waker is not None:
+                # Nudges sent so far are for jobs committed before this claim, which sees them.
+                self._waker.drain()
+            with self._claim_lock:
+                if self._stop.is_set():
+                    break
+                job, wait = self._claim(backoff)
+                if job is not None:
+                    run = JobRun(
+                        self.s, self.id, self.store, self.storage, self.runner, job,
+                        stop=self._stop, outage=self.outage,
+                    )  # fmt: skip
+                    self._own(run, True)
+            if job is None:
+                self._idle(wait)
+                continue
+            if self._handoff is None:
+                try:
+                    run.execute()
+                finally:
+                    self._own(run, False)
+                continue
+            rendered = None
+            try:
+                rendered = run.render()
+            finally:
+                if rendered is None:
+                    run.remove_workdir()
+                    self._own(run, False)
+            if not self._handoff.put((run, rendered)):  # the worker stops (or its CPU stage died)
+                run.abandon()
+                self._own(run, False)
+
+    def _cpu_stage(self) -> None:
+        """Finish each rendered job: encode, store, record. A failure that escapes a job (the
+        store refusing for good) ends the worker as it would have in one stage."""
+        assert self._handoff is not None
+        while (item := self._handoff.take()) is not None:
+            run, rendered = item
+            try:
+                run.finish(rendered)
+            except BaseException as e:  # noqa: BLE001 - re-raised by the device stage's thread
+                self._cpu_error = e
+                self._handoff.close()
+                if self._waker is not None:
+                    self._waker.poke()
+                return
+            finally:
+                self._own(run, False)
+                self._handoff.done()
+
     def stop(self, reason: str) -> None:
-        """Stop gracefully: hand the running job back to the queue, its attempt not counted (a
-        job the worker was asked to leave did nothing wrong), and mark the worker stopped. The
-        job's own thread notices at its next progress call (the lease is gone) and writes
-        nothing."""
+        """Stop gracefully: hand the jobs of both stages back to the queue, their attempts not
+        counted (a job the worker was asked to leave did nothing wrong), and mark the worker
+        stopped. Each stage notices at its job's next progress call (the lease is gone), or
+        before it stores anything, and writes nothing."""
         with self._stopping:
             self._stop.set()
             with self._claim_lock:
                 released = self.store.release_worker(self.id, reason, graceful=True)
+            if self._handoff is not None:
+                self._handoff.close()
+            if self._waker is not None:
+                self._waker.poke()
+                self._waker.unlink()  # a signal's stop exits before `run` could remove it
+            if released:  # queued again: another worker on this host takes them now
+                nudge(self.s.data_dir)
             self.set_state(WorkerState.STOPPED, reason=reason)
             what = "; ".join(r.describe() for r in released) or "no job was running"
             log.info("worker %s: %s; %s", self.id, reason, what)
@@ -187,29 +332,43 @@ class Worker:
     def _parent_gone(self) -> bool:
         return self.parent_pid is not None and os.getppid() != self.parent_pid
 
+    def _note_gpu_memory(self) -> None:
+        """The runner's GPU memory in the worker row, for /metrics (runners without a GPU, and
+        the fakes, have no `gpu_memory`)."""
+        mem = getattr(self.runner, "gpu_memory", None)
+        if not callable(mem):
+            return
+        try:
+            values = mem()
+        except Exception:  # a metric must never cost the heartbeat
+            log.debug("worker %s: reading GPU memory failed", self.id, exc_info=True)
+            return
+        with self._state_lock:
+            self.info.info.update(values)
+
     def _heartbeat(self) -> None:
         while not self._stop.is_set():
             time.sleep(1.0)
             if self._parent_gone():
-                # Not a crash of the job: hand it back uncounted, like a graceful stop.
+                # Not a crash of the jobs: hand them back uncounted, like a graceful stop.
                 code = 0
                 try:
                     self.stop("The server that started this worker exited")
-                except Exception:  # the store is down: the lease runs out instead
-                    log.exception("worker %s: handing the job back failed", self.id)
+                except Exception:  # the store is down: the leases run out instead
+                    log.exception("worker %s: handing the jobs back failed", self.id)
                     code = 1
-                remove_work_dirs(self.id)  # the job's thread never gets to remove its own
+                remove_work_dirs(self.id)  # the stages never get to remove their own
                 _exit_now(code)
-            job = self.current
-            try:
-                if job is not None:
+            for job in {j.id: j for j in self.owned}.values():
+                try:
                     self.store.renew(job.id, self.id, self.s.lease_seconds)
-            except Exception as e:  # the next beat tries again; the job's thread decides
-                if not transient(e):
-                    log.exception("worker %s: renewing the lease of job %s failed", self.id, job.id)
-                else:
-                    self.outage.failed(e)
+                except Exception as e:  # the next beat tries again; the job's stage decides
+                    if not transient(e):
+                        log.exception("worker %s: renewing the lease of job %s failed", self.id, job.id)
+                    else:
+                        self.outage.failed(e)
             self.info.heartbeat_at = time.time()
+            self._note_gpu_memory()
             try:
                 self._publish()
             except Exception:  # never let the heartbeat end: the lease depends on it
@@ -232,7 +391,7 @@ def _exit_now(code: int) -> None:
 
 
 def install_sigterm(worker: Worker) -> None:
-    """On SIGTERM or SIGINT, hand the running job back (not counted as an attempt) and exit 0,
+    """On SIGTERM or SIGINT, hand the running jobs back (not counted as attempts) and exit 0,
     without a KeyboardInterrupt traceback. The work happens on a thread: the handler runs on the
     main thread, which may be inside a store transaction that the release would otherwise wait
     for. A second signal while the first is being handled is ignored."""

@@ -40,8 +40,10 @@ from server.capacity import STALE_S
 from server.kernel.errors import CODE_UNAVAILABLE
 from server.kernel.ids import new_worker_id
 from server.kernel.runner import RunnerFactory
+from server.logs import configure as configure_logging
 from server.settings import Settings
 from server.store import JobStore, WorkerInfo
+from server.wakeup import nudge
 from server.worker.job import remove_work_dirs
 from server.worker.loop import EXIT_LOAD_FAILED, EXIT_STORE_UNAVAILABLE, worker_main
 from server.worker.retry import Backoff, Outage
@@ -93,6 +95,15 @@ def _pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return True
     return state not in ("Z", "X")
+
+
+def _worker_process(
+    settings_json: str, worker_id: str, parent_pid: int, runner_factory: RunnerFactory | None
+) -> None:
+    """A spawned worker's entry: its logging first, as the server's (level, text or JSON lines
+    naming the worker), then the worker itself."""
+    configure_logging(Settings.model_validate_json(settings_json), worker=worker_id)
+    worker_main(settings_json, worker_id, parent_pid, runner_factory)
 
 
 class _Slot:
@@ -158,7 +169,7 @@ class Supervisor:
         slot.worker_id = new_worker_id()
         slot.released = None
         slot.proc = self._ctx.Process(
-            target=worker_main,
+            target=_worker_process,
             args=(self.s.model_dump_json(), slot.worker_id, os.getpid(), self.runner_factory),
             name=f"wan-vace-worker-{slot.worker_id}",
             daemon=True,
@@ -214,6 +225,7 @@ class Supervisor:
             ids = self.store.expire_leases(time.time() - _EXPIRY_GRACE_S)
             if ids:
                 log.warning("lease expired for job(s) %s", ", ".join(ids))
+                nudge(self.s.data_dir)  # re-queued: an idle worker here takes them now
         self._fail_unservable()
 
     def _unservable_reason(self) -> str:
@@ -252,6 +264,8 @@ class Supervisor:
         if slot.released is None:
             slot.released = self.store.release_worker(slot.worker_id, reason)
             remove_work_dirs(slot.worker_id)
+            if slot.released:
+                nudge(self.s.data_dir)
             if code != 0 or slot.released:
                 what = "; ".join(r.describe() for r in slot.released) or "it held no job"
                 log.warning("worker %s died (exit code %s): %s", slot.worker_id, code, what)

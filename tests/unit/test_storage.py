@@ -177,3 +177,101 @@ def test_symlink_out_of_the_root_is_refused(tmp_path):
     assert not st.exists("outputs/link/secret.txt")
     with pytest.raises(KeyError):
         st.read_bytes("outputs/link/secret.txt")
+
+
+# Listing and deleting (what retention needs) ---------------------------------------------------
+def _put_tree(storage) -> dict[str, bytes]:
+    blobs = {
+        storage.new_key("outputs/job1", "output.mp4"): b"v" * 10,
+        storage.new_key("outputs/job1", "other.mp4"): b"w" * 3,
+        storage.new_key("outputs/job10", "output.mp4"): b"x" * 7,  # shares job1's first letters
+        storage.new_key("uploads", "ref.png"): b"p" * 5,
+    }
+    for k, v in blobs.items():
+        storage.put_bytes(k, v)
+    return blobs
+
+
+def test_iter_objects_lists_whole_components_with_sizes(storage):
+    blobs = _put_tree(storage)
+    everything = {o.key: o.size for o in storage.iter_objects("")}
+    assert everything == {k: len(v) for k, v in blobs.items()}
+    job1 = {o.key for o in storage.iter_objects("outputs/job1")}
+    assert job1 == {k for k in blobs if k.startswith("outputs/job1/")}  # not job10's
+    one = next(iter(job1))
+    assert [o.key for o in storage.iter_objects(one)] == [one]  # a key is its own prefix
+    assert list(storage.iter_objects("outputs/nothing")) == []
+    assert storage.usage() == (sum(map(len, blobs.values())), 4)
+    assert storage.usage("outputs") == (20, 3)
+
+
+def test_iter_objects_refuses_bad_prefixes(storage):
+    for bad in ("../x", "outputs/", "/outputs", "outputs/../.."):
+        with pytest.raises(InvalidKey):
+            list(storage.iter_objects(bad))
+
+
+def test_iter_older_than_agrees_with_the_listed_times(storage):
+    _put_tree(storage)
+    listed = list(storage.iter_objects(""))
+    for o in listed:
+        # Strictly older: an object written at the cutoff itself stays.
+        older = {x.key for x in storage.iter_older_than("", o.mtime)}
+        assert older == {x.key for x in listed if x.mtime < o.mtime}
+    assert {x.key for x in storage.iter_older_than("", max(x.mtime for x in listed) + 1)} == {
+        x.key for x in listed
+    }
+
+
+def test_local_writes_in_progress_are_not_listed(tmp_path, monkeypatch):
+    s = LocalStorage(tmp_path / "media")
+    key = s.new_key("outputs/job1", "output.mp4")
+    seen: list[set[str]] = []
+    fsync = os.fsync
+
+    def listing_fsync(fd):  # the temporary file is written, not yet renamed into place
+        seen.append({o.key for o in s.iter_objects("")})
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", listing_fsync)
+    s.put_bytes(key, b"data")
+    assert seen == [set()]
+    assert {o.key for o in s.iter_objects("")} == {key}
+
+
+def test_delete_one_and_by_prefix(storage):
+    blobs = _put_tree(storage)
+    job1 = sorted(k for k in blobs if k.startswith("outputs/job1/"))
+    assert storage.delete(job1[0]) is True
+    assert storage.delete(job1[0]) is False  # already gone
+    assert not storage.exists(job1[0]) and storage.exists(job1[1])
+    assert storage.delete_prefix("outputs/job1") == 1
+    assert storage.delete_prefix("outputs/job1") == 0
+    left = {o.key for o in storage.iter_objects("")}
+    assert left == {k for k in blobs if not k.startswith("outputs/job1/")}  # job10 untouched
+    with pytest.raises(InvalidKey):
+        storage.delete_prefix("")  # there is no "delete everything"
+    assert storage.delete("../outside") is False
+
+
+def test_local_delete_leaves_no_empty_folders_but_keeps_the_top_level(tmp_path):
+    s = LocalStorage(tmp_path / "media")
+    a = s.put_bytes(s.new_key("outputs/job1", "output.mp4"), b"a")
+    b = s.put_bytes(s.new_key("uploads", "ref.png"), b"b")
+    s.delete_prefix("outputs/job1")
+    s.delete(b)
+    assert not (s.root / "outputs" / "job1").exists() and not (s.root / a).parent.exists()
+    assert (s.root / "outputs").is_dir() and (s.root / "uploads").is_dir()
+    assert list((s.root / "uploads").iterdir()) == []
+
+
+def test_local_listing_does_not_follow_links_out_of_the_root(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.bin").write_bytes(b"s")
+    s = LocalStorage(tmp_path / "media")
+    (s.root / "uploads").mkdir()
+    (s.root / "uploads" / "link").symlink_to(outside, target_is_directory=True)
+    assert list(s.iter_objects("")) == []
+    assert s.delete_prefix("uploads") == 0
+    assert (outside / "secret.bin").exists()

@@ -408,7 +408,7 @@ def test_a_version_3_outbox_gets_per_delivery_claims(tmp_path):
     db.close()
     assert user_version(path) == 3
     store = SqliteJobStore(path)
-    assert user_version(path) == migrations.CURRENT == 4
+    assert user_version(path) == migrations.CURRENT
     assert shape(path) == shape(Path(SqliteJobStore(tmp_path / "fresh.sqlite3").path))
 
     def row(event_id: str) -> tuple:
@@ -433,3 +433,15 @@ def test_a_version_3_outbox_gets_per_delivery_claims(tmp_path):
     # The row a version 3 dispatcher had claimed stays its own until that claim's end.
     assert store.due_webhooks(4102444800.0 - 1) == []
     assert [d.event_id for d in store.due_webhooks(4102444800.0)] == ["held-failed"]
+
+
+def test_version_5_counts_the_jobs_already_there_and_keeps_counting(old_db):
+    store = SqliteJobStore(old_db)
+    rows = dict(sqlite3.connect(old_db).execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+    assert rows and store.count_by_status() == rows
+    assert store.queue_depth() == rows.get("created", 0) > 0
+    store.claim("w", 30)
+    after = {**rows, "created": rows["created"] - 1, "processing": rows.get("processing", 0) + 1}
+    assert store.count_by_status() == {k: n for k, n in after.items() if n}
+    indexes = {r[1] for r in sqlite3.connect(old_db).execute("PRAGMA index_list(jobs)")}
+    assert {"jobs_order", "jobs_created"} <= indexes and "jobs_queue" not in indexes
