@@ -4,193 +4,28 @@
     python scripts/fetch_weights.py wan2.1-vace-14b [--weights-dir DIR]
     python scripts/fetch_weights.py wan2.1-vace-14b [--weights-dir DIR] --verify-only
 
-The fetch is the only step of this project that talks to the Hub. It reads the file list and
-checksums of the catalog's revision first, downloads exactly that commit with huggingface_hub
-(progress bars; an interrupted fetch resumes when run again), then checks every file: sha256
-for LFS files, git blob id for the small ones. Only then does it write
-`<folder>/.wan-vace-manifest.json`, which the server requires before it loads the folder.
-`--verify-only` re-hashes a local folder against that manifest, offline.
-
-Exit status: 0 ok, 1 fetch or verification failed, 2 bad usage (unknown model, bad catalog).
-Gated or private repositories need a token (`hf auth login` or HF_TOKEN); HF_ENDPOINT selects a
-mirror.
+The same as `wan-vace weights fetch`; the work is done in pipelines/hub.py (its docstring says
+how a fetch is verified). This script stays because the server's messages name it and it runs
+from a checkout that was never installed. Exit status: 0 ok, 1 failed, 2 bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 try:
-    from pipelines import manifest, weights
+    from pipelines import hub
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pipelines import manifest, weights
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+    from pipelines import hub
 
 
-def say(msg: str = "") -> None:
-    print(msg, flush=True)
-
-
-def err(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-
-
-# The two calls that reach the network; tests replace them.
-
-
-def hub_model_info(repo_id: str, revision: str):
-    from huggingface_hub import HfApi
-
-    return HfApi().model_info(repo_id, revision=revision, files_metadata=True)
-
-
-def hub_snapshot_download(*, repo_id: str, revision: str, local_dir: Path, allow_patterns: list[str]):
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(
-        repo_id=repo_id, revision=revision, local_dir=local_dir, allow_patterns=allow_patterns
-    )
-
-
-def remote_files(siblings: Iterable, allow_patterns: Iterable[str]) -> list[manifest.RemoteFile]:
-    """The Hub's files selected by `allow_patterns` (huggingface_hub's own matching rules)."""
-    from huggingface_hub.utils import filter_repo_objects
-
-    selected = filter_repo_objects(
-        list(siblings), allow_patterns=list(allow_patterns), key=lambda s: s.rfilename
-    )
-    out = []
-    for s in selected:
-        lfs = getattr(s, "lfs", None)
-        sha256 = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
-        out.append(
-            manifest.RemoteFile(
-                path=s.rfilename,
-                size=getattr(s, "size", None),
-                sha256=sha256,
-                git_sha1=None if sha256 else getattr(s, "blob_id", None),
-            )
-        )
-    return out
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
-
-
-def _progress(path: str, size: int) -> None:
-    say(f"  checking {path} ({_gb(size)})")
-
-
-def fetch(entry: weights.ModelEntry, weights_root: Path) -> int:
-    folder = entry.local_dir(weights_root)
-    rev = entry.revision or "main"
-    say(f"{entry.name}: {entry.repo_id} @ {rev} -> {folder}")
-    if not entry.pinned:
-        say(f"warning: revision {rev!r} is not a commit id; the commit it resolves to is recorded")
-
-    try:
-        info = hub_model_info(entry.repo_id, rev)
-    except Exception as e:  # noqa: BLE001 - any Hub/network failure ends here, in one clear line
-        err(
-            f"could not read {entry.repo_id} @ {rev} from the Hugging Face Hub "
-            f"({type(e).__name__}: {e}). Check network access, HF_ENDPOINT, HF_HUB_OFFLINE "
-            "(must be unset) and, for gated repositories, HF_TOKEN."
-        )
-        return EXIT_FAILED
-    commit = getattr(info, "sha", None) or rev
-    remote = remote_files(info.siblings or [], entry.allow_patterns)
-    absent = [
-        piece
-        for piece in entry.required
-        if not any(r.path == piece or (piece.endswith("/") and r.path.startswith(piece)) for r in remote)
-    ]
-    if absent:
-        err(f"{entry.repo_id} @ {commit} has no {', '.join(absent)}: check weights.toml")
-        return EXIT_FAILED
-    total = sum(r.size or 0 for r in remote)
-    say(f"commit {commit}: {len(remote)} files, {_gb(total)}")
-
-    folder.mkdir(parents=True, exist_ok=True)
-    # A manifest means "complete and verified"; it must not survive into a half-done refetch.
-    (folder / manifest.MANIFEST_NAME).unlink(missing_ok=True)
-
-    todo = sum(
-        r.size or 0
-        for r in remote
-        if not ((folder / r.path).is_file() and (folder / r.path).stat().st_size == r.size)
-    )
-    free = shutil.disk_usage(folder).free
-    if todo > free:
-        err(f"{folder} needs {_gb(todo)} more free space; only {_gb(free)} is free")
-        return EXIT_FAILED
-
-    patterns = list(entry.allow_patterns)
-    problems: list[str] = []
-    files: dict = {}
-    for attempt in (1, 2):
-        try:
-            # The resolved commit, so the files match the checksums read above even if the
-            # branch moves meanwhile.
-            hub_snapshot_download(
-                repo_id=entry.repo_id, revision=commit, local_dir=folder, allow_patterns=patterns
-            )
-        except Exception as e:  # noqa: BLE001 - idem
-            err(f"download failed ({type(e).__name__}: {e}); run the same command to resume")
-            return EXIT_FAILED
-        say("verifying checksums")
-        problems, files = manifest.verify_remote_files(folder, remote, progress=_progress)
-        if not problems or attempt == 2:
-            break
-        say(f"{len(problems)} file(s) failed verification; downloading them again:")
-        for p in problems:
-            say(f"  {p}")
-        for rel in (r.path for r in remote if r.path not in files):
-            (folder / rel).unlink(missing_ok=True)
-            # huggingface_hub would otherwise trust its record of the earlier download.
-            meta = folder / manifest.HF_LOCAL_CACHE / "huggingface" / "download" / f"{rel}.metadata"
-            meta.unlink(missing_ok=True)
-
-    if problems:
-        err(f"{entry.name}: {len(problems)} file(s) failed verification:")
-        for p in problems:
-            print(f"  {p}", file=sys.stderr)
-        return EXIT_FAILED
-
-    record = manifest.build_manifest(folder, files, model=entry.name, repo_id=entry.repo_id, revision=commit)
-    manifest.write_manifest(folder, record)
-    say(f"ok: {len(files)} files verified; manifest {folder / manifest.MANIFEST_NAME}")
-    if not entry.pinned:
-        say(f'to pin this download, set revision = "{commit}" for {entry.name} in weights.toml')
-    return EXIT_OK
-
-
-def verify_only(entry: weights.ModelEntry, weights_root: Path) -> int:
-    folder = entry.local_dir(weights_root)
-    cmd = weights.fetch_command(entry, weights_root)
-    missing = weights.check_complete(entry, weights_root)
-    if missing:
-        err(f"{entry.name}: {folder} is incomplete:")
-        for m in missing:
-            print(f"  {m}", file=sys.stderr)
-        print(f"fetch it with: {cmd}", file=sys.stderr)
-        return EXIT_FAILED
-    say(f"{entry.name}: verifying {folder} against {manifest.MANIFEST_NAME}")
-    problems = manifest.verify_manifest(folder, progress=_progress)
-    if problems:
-        err(f"{entry.name}: {len(problems)} file(s) failed verification:")
-        for p in problems:
-            print(f"  {p}", file=sys.stderr)
-        print(f"repair it with: {cmd}", file=sys.stderr)
-        return EXIT_FAILED
-    say(f"ok: {folder} is complete and every file matches the manifest")
-    return EXIT_OK
+# Module attributes so a test can replace the two network calls here, as it could before the
+# body moved; `main` reads them at call time.
+hub_model_info = hub.hub_model_info
+hub_snapshot_download = hub.hub_snapshot_download
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,63 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="fetch_weights.py",
         description="Fetch a model listed in weights.toml, verify its checksums, write a manifest.",
     )
-    ap.add_argument(
-        "name",
-        nargs="?",
-        help="a model (e.g. wan2.1-vace-14b) or a preprocessor entry (e.g. midas-dpt-hybrid) "
-        "from weights.toml",
-    )
-    ap.add_argument(
-        "--with-preprocessors",
-        action="store_true",
-        help="also fetch every preprocessor and the safety checker (the [preprocessors.*] "
-        "entries; 'manual' ones print where to place their files)",
-    )
-    ap.add_argument(
-        "--weights-dir",
-        type=Path,
-        default=None,
-        help="weights root (default: $WAN_VACE_WEIGHTS_DIR, else $WAN_VACE_DATA_DIR/weights, "
-        "else ./data/weights)",
-    )
-    ap.add_argument(
-        "--verify-only",
-        action="store_true",
-        help="re-hash the local folder against its manifest (offline); download nothing",
-    )
-    ap.add_argument("--catalog", type=Path, default=None, help="another weights.toml")
+    hub.add_arguments(ap)
     args = ap.parse_args(argv)
-    if not args.name and not args.with_preprocessors:
-        ap.error("name a model or preprocessor entry, or give --with-preprocessors")
-
-    try:
-        catalog = weights.load_catalog(args.catalog)
-        extra = weights.load_preprocessor_catalog(args.catalog)
-        entries = []
-        if args.name:
-            entry = extra.get(args.name) or weights.get_entry(args.name, catalog)
-            entries.append(entry)
-        if args.with_preprocessors:
-            entries += [e for e in extra.values() if e not in entries]
-    except (weights.CatalogError, weights.UnknownModel) as e:
-        err(str(e))
-        return EXIT_USAGE
-    root = (args.weights_dir or weights.default_weights_root()).expanduser().resolve()
-    status = EXIT_OK
-    for entry in entries:
-        if not entry.needs_files:
-            say(f"{entry.name} is built in memory from random weights; there is nothing to fetch")
-            continue
-        if entry.kind == weights.KIND_MANUAL:
-            missing = weights.check_files(entry, root)
-            state = "in place" if not missing else "not in place"
-            say(f"{entry.name} ({entry.license}): {state} at {entry.local_dir(root)}. {entry.how_to_get}")
-            continue
-        if entry.tasks:
-            say(f"{entry.name}: for {', '.join(entry.tasks)}; licence {entry.license}")
-        rc = verify_only(entry, root) if args.verify_only else fetch(entry, root)
-        status = status or rc
-    return status
+    return hub.run(args, ap.error, hub.Hub(hub_model_info, hub_snapshot_download))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ log = logging.getLogger("wan_vace.app")
 
 
 def create_app(settings: Settings) -> FastAPI:
-    from server.routes import health, media, platform, predictions, uploads
+    from server.retention import Retention
+    from server.routes import compat, health, media, metrics, platform, playground, predictions, uploads
     from server.webhooks import WebhookDispatcher
     from server.worker.supervision import Supervisor
 
@@ -53,9 +54,12 @@ def create_app(settings: Settings) -> FastAPI:
         st.supervisor.start()
         st.dispatcher = WebhookDispatcher(settings, store, storage)
         st.dispatcher.start()
+        st.retention = Retention(settings, store, storage)
+        st.retention.start()
         try:
             yield
         finally:
+            st.retention.stop()
             st.dispatcher.stop()
             st.supervisor.stop()
 
@@ -64,8 +68,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPIOffline(title="wan-vace", version="0.1.0", lifespan=lifespan, static_url="/docs/assets")
     app.state.wan = st
     _install_error_mapping(app)
-    # Keyed routers carry `require_key` themselves; health, media and the signed upload PUT are
-    # public by design.
+    # Keyed routers carry `require_key` themselves; health, media, the signed upload PUT, the
+    # playground page and /metrics (unless metrics_require_key) are public by design.
     for router in (
         predictions.router,
         health.router,
@@ -73,6 +77,9 @@ def create_app(settings: Settings) -> FastAPI:
         uploads.router,
         uploads.signed,
         platform.router,
+        compat.router,
+        metrics.router,
+        playground.router,
     ):
         app.include_router(router)
     return app

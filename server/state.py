@@ -26,6 +26,7 @@ class AppState:
     auth: Authenticator
     supervisor: Any = None  # server.worker.supervision.Supervisor when workers run here
     dispatcher: Any = None  # server.webhooks.WebhookDispatcher
+    retention: Any = None  # server.retention.Retention, the cleanup loop
 
     def base_url(self, request: Request) -> str:
         """Absolute origin for URLs we hand out: the configured public URL, else the request's."""

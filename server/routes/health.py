@@ -9,7 +9,6 @@ from fastapi.responses import JSONResponse
 
 from server.capacity import capacity
 from server.diskspace import disk_report
-from server.settings import MODEL_ID
 from server.state import state_of
 
 router = APIRouter()
@@ -40,6 +39,9 @@ def health_report(request: Request) -> dict[str, Any]:
         # Free space of the data dir; `ok` false (with a reason) below the free-space floor or
         # after a write failed for want of space: submits and uploads answer 507 meanwhile.
         "disk": disk_report(st.settings, st.store, st.storage),
+        # What storage holds and the retention settings, as of the last cleanup pass (never a
+        # walk per call); null sizes until the first pass.
+        "storage": st.retention.report() if st.retention is not None else None,
         "auth": "open" if st.auth.open else "api key",
     }
 
@@ -57,21 +59,3 @@ def ready(request: Request) -> JSONResponse:
     ok = rep["status"] in ("ready", "busy") and rep["disk"]["ok"]
     return JSONResponse(rep, 200 if ok else 503)
 
-
-@router.get("/")
-def root(request: Request) -> dict[str, Any]:
-    """Where to go from here (a playground page will live here)."""
-    st = state_of(request)
-    base = st.base_url(request)
-    return {
-        "name": "wan-vace",
-        "model": MODEL_ID,
-        "submit": f"POST {base}/api/v3/{MODEL_ID}",
-        "links": {
-            "docs": f"{base}/docs",
-            "health": f"{base}/health",
-            "model_schema": f"{base}/api/v3/models",
-            "openapi": f"{base}/openapi.json",
-        },
-        "auth": "open" if st.auth.open else "send 'Authorization: Bearer <key>'",
-    }

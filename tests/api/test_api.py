@@ -219,15 +219,15 @@ def test_routes_import_state_not_the_app_and_set_auth_once_per_router():
     from fastapi.params import Depends
 
     from server.auth import require_key
-    from server.routes import health, media, platform, predictions, uploads
+    from server.routes import compat, health, media, platform, playground, predictions, uploads
 
     for f in (Path(__file__).parents[2] / "server" / "routes").glob("*.py"):
         text = f.read_text()
         # An escaped pattern, so that a grep for the call finds only server/auth.py.
         assert "server.app" not in text and not re.search(r"auth\.check", text), f.name
-    for router in (predictions.router, platform.router, uploads.router):
+    for router in (predictions.router, platform.router, uploads.router, compat.router):
         assert [d.dependency for d in router.dependencies if isinstance(d, Depends)] == [require_key]
-    for router in (health.router, media.router, uploads.signed):
+    for router in (health.router, media.router, uploads.signed, playground.router):
         assert router.dependencies == []
 
 
@@ -269,3 +269,39 @@ def test_media_answers_range_requests(app_client):
     assert r.status_code == 206 and r.content == bytes(range(10, 20))
     assert r.headers["content-range"] == "bytes 10-19/100" and r.headers["content-type"] == "video/mp4"
     assert app_client.head(f"/media/{key}").headers["content-length"] == "100"
+
+
+def test_history_cursor_reads_every_job_once_while_jobs_arrive(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path, workers=0, api_keys=[KEY]))
+    with TestClient(app) as c:
+        c.headers["Authorization"] = f"Bearer {KEY}"
+        ids = [submit(c).json()["data"]["id"] for _ in range(7)]
+        c.post(f"/api/v3/predictions/{ids[2]}/cancel")
+        seen, body = [], {"page_size": 3}
+        while True:
+            data = c.post("/api/v3/predictions", json=body).json()["data"]
+            assert data["total"] == 7 + len(seen) // 3  # one more job arrives after each full page
+            seen += [it["id"] for it in data["items"]]
+            if "next_cursor" not in data:
+                break
+            body = {"page_size": 3, "cursor": data["next_cursor"]}
+            submit(c)
+        assert seen == ids[::-1]
+        cancelled = c.post("/api/v3/predictions", json={"status": "cancelled", "page_size": 1}).json()["data"]
+        assert [it["id"] for it in cancelled["items"]] == [ids[2]] and cancelled["total"] == 1
+        after = {"status": "cancelled", "page_size": 1, "cursor": cancelled["next_cursor"]}
+        assert c.post("/api/v3/predictions", json=after).json()["data"]["items"] == []
+
+        for bad in ("not base64!", "bm9wZQ", 7, "WzEsIDJd"):  # garbage, "nope", a number, [1, 2]
+            r = c.post("/api/v3/predictions", json={"cursor": bad})
+            assert r.status_code == 400 and r.json()["code"] == 400
+            assert "cursor must be a next_cursor" in r.json()["message"]
+
+
+def test_polls_answered_on_the_event_loop_keep_positions_and_404s(app_client):
+    # (Base64 outputs, answered in the thread pool: test_platform_api.py.)
+    ids = [submit(app_client).json()["data"]["id"] for _ in range(2)]
+    data = app_client.get(f"/api/v3/predictions/{ids[1]}/result").json()["data"]
+    assert data["status"] == "created" and data["queue_position"] == 1
+    r = app_client.get("/api/v3/predictions/" + "0" * 32 + "/result")
+    assert r.status_code == 404 and r.json()["code"] == 404
