@@ -78,6 +78,26 @@ class StoreCollector(Collector):
         yield from self._jobs()
         yield from self._workers()
         yield from self._durations()
+        yield from self._storage()
+
+    def _storage(self) -> Iterator[Metric]:
+        """Disk use as the last retention pass measured it (never a walk per scrape); absent
+        until a pass ran in this process (another API process sharing the store may run them)."""
+        retention = self.st.retention
+        last = retention.last if retention is not None else None
+        if last is None or last.bytes is None:
+            return
+        yield GaugeMetricFamily(
+            "wan_vace_storage_bytes", "Bytes in media storage at the last cleanup pass.", value=last.bytes
+        )
+        yield GaugeMetricFamily(
+            "wan_vace_storage_files", "Files in media storage at the last cleanup pass.", value=last.files
+        )
+        yield GaugeMetricFamily(
+            "wan_vace_storage_measured_timestamp_seconds",
+            "When the last cleanup pass measured storage (unix time).",
+            value=last.at,
+        )
 
     def _jobs(self) -> Iterator[Metric]:
         counts = self.st.store.count_by_status()

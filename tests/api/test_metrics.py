@@ -158,3 +158,20 @@ def test_metrics_key_setting(tmp_path):
         r = c.get("/metrics", headers={"Authorization": ""})
         assert r.status_code == 401 and r.json()["message"].startswith("Missing API key")
         assert c.get("/metrics").status_code == 200
+
+
+def test_storage_use_as_the_last_cleanup_pass_measured_it(app_client):
+    """Disk use is exported from the retention pass's measurement (never a walk per scrape)."""
+    st = app_client.app.state.wan
+    st.retention.run_once()  # the lifespan's loop may have run one already: measure again now
+    before = scrape(app_client)
+    n_before = value(before, "wan_vace_storage_files")
+    b_before = value(before, "wan_vace_storage_bytes")
+    st.storage.put_bytes(st.storage.new_key("uploads", "a.bin"), b"x" * 1000)
+    # Unchanged until the next pass measures: a scrape does not walk storage.
+    assert value(scrape(app_client), "wan_vace_storage_files") == n_before
+    st.retention.run_once()
+    after = scrape(app_client)
+    assert value(after, "wan_vace_storage_files") == n_before + 1
+    assert value(after, "wan_vace_storage_bytes") == b_before + 1000
+    assert value(after, "wan_vace_storage_measured_timestamp_seconds") > time.time() - 60
