@@ -133,7 +133,11 @@ class Waker:
 
     def wait(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for a nudge; whether one came."""
-        readable, _, _ = select.select([self._sock], [], [], max(0.0, timeout))
+        # poll, not select: select() refuses descriptors above FD_SETSIZE (1024), which a
+        # long-lived process with many open files (or a test suite) reaches.
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        readable = poller.poll(max(0.0, timeout) * 1000)
         return bool(readable) and self.drain()
 
     def poke(self) -> None:
