@@ -19,10 +19,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.auth import Authenticator
 from server.diskspace import RETRY_AFTER, insufficient_storage, is_disk_full
 from server.kernel.errors import ApiError, envelope_for_error
+from server.notify import FinishedWaiters
 from server.settings import Settings
 from server.state import AppState
 from server.storage import open_storage
-from server.store import StoreUnavailable, open_store
+from server.store import StoreUnavailable, StoreUnreachable, open_store
 
 log = logging.getLogger("wan_vace.app")
 
@@ -42,6 +43,7 @@ def create_app(settings: Settings) -> FastAPI:
         store=store,
         storage=storage,
         auth=Authenticator(keys),
+        finished=FinishedWaiters(store),
     )
     if not settings.open_access and not settings.api_keys:
         log.warning("API key (kept in %s): %s", settings.data_dir / "api_key", keys[0])
@@ -62,6 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
             st.retention.stop()
             st.dispatcher.stop()
             st.supervisor.stop()
+            st.finished.close()
 
     # /docs and /redoc with Swagger UI and ReDoc served from this app (fastapi-offline's copies),
     # not FastAPI's default CDN: the docs must work air-gapped.
@@ -118,6 +121,16 @@ def _install_error_mapping(app: FastAPI) -> None:
     def _insufficient(request: Request, what: str) -> JSONResponse:
         log.warning("%s %s refused: %s", request.method, request.url.path, what)
         return JSONResponse(envelope_for_error(507, insufficient_storage(what)), 507, headers=RETRY_AFTER)
+
+    # The job store's database server is down, restarting or cut off: nothing is wrong with the
+    # request or a disk, and every process reconnects by itself, so 503 and "try again shortly".
+    # Starlette picks the handler of the nearest class in the exception's MRO, so this one, not
+    # StoreUnavailable's 507, answers it. Logged at info: the store logs the outage's start.
+    @app.exception_handler(StoreUnreachable)
+    async def _store_unreachable(request: Request, exc: StoreUnreachable) -> JSONResponse:
+        log.info("%s %s refused: %s", request.method, request.url.path, exc.message)
+        message = f"The job store is unavailable right now ({exc.message}); try again in a few seconds."
+        return JSONResponse(envelope_for_error(503, message), 503, headers={"Retry-After": "5"})
 
     @app.exception_handler(StoreUnavailable)
     async def _store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:

@@ -27,6 +27,7 @@ class AppState:
     supervisor: Any = None  # server.worker.supervision.Supervisor when workers run here
     dispatcher: Any = None  # server.webhooks.WebhookDispatcher
     retention: Any = None  # server.retention.Retention, the cleanup loop
+    finished: Any = None  # server.notify.FinishedWaiters: sync-mode requests woken by events
 
     def base_url(self, request: Request) -> str:
         """Absolute origin for URLs we hand out: the configured public URL, else the request's."""

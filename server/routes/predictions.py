@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -188,13 +187,18 @@ async def submit(request: Request) -> dict[str, Any]:
 
 
 async def _wait_for(st: AppState, job_id: str, budget: float) -> Job:
+    """The job once terminal, or as it stands when `budget` runs out. Woken by the store's
+    finished-job events where it has them (server/notify.py: one listener per process, a read
+    every second as a fallback), else it reads the job every 0.1 s."""
     deadline = time.monotonic() + budget
-    while True:
-        job = await run_in_threadpool(st.store.get, job_id)
-        assert job is not None
-        if job.status.terminal or time.monotonic() >= deadline:
-            return job
-        await asyncio.sleep(0.1)
+    with st.finished.watch(job_id) as finished:  # before the first read: no event is missed
+        while True:
+            job = await run_in_threadpool(st.store.get, job_id)
+            assert job is not None
+            left = deadline - time.monotonic()
+            if job.status.terminal or left <= 0:
+                return job
+            await finished.wait(min(left, st.finished.poll_interval))
 
 
 def _get_or_404(st: AppState, job_id: str) -> Job:

@@ -4,10 +4,10 @@ no crash can lose it.
 
 `JobStore` is the interface. `server.store.base.TransactionalJobStore` implements its rules once,
 above a few backend primitives; `SqliteJobStore` (server/store/sqlite.py) is the embedded backend,
-and a PostgreSQL store (scale-out issue) supplies the same primitives with `FOR UPDATE SKIP
-LOCKED` claims. Every state change goes through `server.kernel.jobstate.next_state` and is written
+and `PostgresJobStore` (server/store/postgres.py) the shared one, with `FOR UPDATE SKIP LOCKED`
+claims and LISTEN/NOTIFY events. Every state change goes through `server.kernel.jobstate.next_state` and is written
 as a compare-and-set on the current status (and lease owner), so concurrent API replicas and
-workers cannot race a job into an illegal state. tests/test_store_contract.py is the suite every
+workers cannot race a job into an illegal state. tests/unit/test_store_contract.py is the suite every
 backend passes.
 """
 
@@ -23,16 +23,20 @@ from typing import Any
 from server.kernel.jobstate import RenewResult, State, WorkerState
 
 __all__ = [
+    "CHANNEL_FINISHED",
+    "CHANNEL_QUEUED",
+    "Events",
     "IdempotencyConflict",
     "Job",
-    "JobTiming",
     "JobStore",
+    "JobTiming",
     "NewJob",
     "QueueFull",
     "ReleasedJob",
     "RenewResult",
     "StoreBusy",
     "StoreUnavailable",
+    "StoreUnreachable",
     "WebhookDelivery",
     "WorkerInfo",
     "WorkerState",
@@ -137,6 +141,31 @@ class JobTiming:
     steps: int | None  # the request's num_inference_steps
 
 
+class StoreUnreachable(StoreUnavailable):
+    """The store's server cannot be reached (PostgreSQL down, restarting, or the network to it
+    cut). Transient like StoreUnavailable, which workers and the supervisor already retry; the
+    API answers it with 503 Service Unavailable and Retry-After instead of 507."""
+
+
+# Channels of `JobStore.listen`. Each event's payload is a job id; it is sent when the
+# transaction that made it true commits, so a listener that reads the job then sees it.
+CHANNEL_QUEUED = "wan_vace_queued"  # a job became claimable: created, or queued again
+CHANNEL_FINISHED = "wan_vace_finished"  # a job entered a terminal state
+
+
+class Events(ABC):
+    """A subscription to store events (`JobStore.listen`), for one thread."""
+
+    @abstractmethod
+    def wait(self, timeout: float) -> list[tuple[str, str]]:
+        """The (channel, payload) events received, waiting up to `timeout` seconds for the first;
+        [] when none came. Events may be coalesced or, while the connection is being restored,
+        missed: a listener still polls (rarely) as a fallback."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
 class StoreBusy(Exception):
     """A call in nonblocking mode (`JobStore.nonblocking`) found the store locked by another
     connection and did not wait. The same call made outside that mode waits for the lock."""
@@ -184,6 +213,12 @@ class JobStore(ABC):
         they raise StoreBusy instead (for the API's event loop, which must not stall; it hands a
         busy call to a thread). A backend that never waits on a lock keeps this default."""
         return nullcontext()
+
+    def listen(self, *channels: str) -> Events | None:
+        """Subscribe to events on `channels` (CHANNEL_QUEUED, CHANNEL_FINISHED), or None when the
+        backend has no push (SQLite: workers on its host are nudged over server/wakeup.py and
+        everything else polls)."""
+        return None
 
     @abstractmethod
     def create(self, job: NewJob, *, max_queue: int | None = None) -> tuple[Job, bool]:
@@ -391,10 +426,14 @@ def open_store(settings: Any) -> JobStore:
     """The store named by the settings: SQLite in the data dir unless a database URL is set."""
     url = settings.database_url
     if url and url.startswith(("postgresql://", "postgres://")):
-        raise NotImplementedError(
-            "PostgreSQL job store is not supported yet (scale-out issue); "
-            "unset WAN_VACE_DATABASE_URL to use the embedded SQLite store"
-        )
+        try:
+            from server.store.postgres import PostgresJobStore
+        except ImportError as e:  # the optional driver: the embedded default needs none
+            raise RuntimeError(
+                f"WAN_VACE_DATABASE_URL names PostgreSQL, but its driver is not installed ({e}); "
+                "install it with: pip install 'wan-vace[cluster]'"
+            ) from e
+        return PostgresJobStore(url, pool_size=getattr(settings, "database_pool_size", 8))
     if url and not url.startswith("sqlite:///"):
         raise ValueError(f"WAN_VACE_DATABASE_URL must be sqlite:///PATH or postgresql://..., got {url!r}")
     from server.store.sqlite import SqliteJobStore

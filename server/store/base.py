@@ -35,6 +35,8 @@ from typing import Any, Generic, TypeVar
 
 from server.kernel.jobstate import TERMINAL, Event, State, allowed, next_state
 from server.store import (
+    CHANNEL_FINISHED,
+    CHANNEL_QUEUED,
     IdempotencyConflict,
     Job,
     JobStore,
@@ -146,6 +148,9 @@ class TransactionalJobStore(JobStore, Generic[C]):
     @abstractmethod
     def _drop_lock(self, c: C, name: str, owner: str) -> None: ...
 
+    def _notify(self, c: C, channel: str, payload: str) -> None:
+        """Send a `listen` event when the transaction commits (a backend without push: nothing)."""
+
     # Transitions -----------------------------------------------------------------------------
     def _transition(
         self, c: C, job: Job, event: Event, *, owner: str | None = None, **values: Any
@@ -165,6 +170,10 @@ class TransactionalJobStore(JobStore, Generic[C]):
         values["status"] = new
         if not self._update_job_if(c, job.id, job.status, owner, values):
             return None
+        if new is State.CREATED:
+            self._notify(c, CHANNEL_QUEUED, job.id)
+        elif new in TERMINAL:
+            self._notify(c, CHANNEL_FINISHED, job.id)
         if new in (State.COMPLETED, State.FAILED) and job.webhook_url:
             # One event per id, whatever retries or replicas do.
             self._insert_outbox_if_absent(
@@ -205,6 +214,7 @@ class TransactionalJobStore(JobStore, Generic[C]):
                     "request_hash": job.request_hash,
                 },
             )
+            self._notify(c, CHANNEL_QUEUED, job.id)
             created = self._fetch_job(c, job.id)
         assert created is not None
         return created, True

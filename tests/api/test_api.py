@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.settings import Settings
+from server.store import StoreUnreachable
 
 KEY = "k-123"
 
@@ -187,11 +188,18 @@ def test_inline_html_is_not_served_as_html(app_client, tmp_path):
     assert r.headers["x-content-type-options"] == "nosniff"
 
 
-def test_settings_not_supported_yet_fail_at_startup(tmp_path):
-    with pytest.raises(NotImplementedError, match="WAN_VACE_STORAGE_URL"):
-        create_app(Settings(data_dir=tmp_path, workers=0, storage_url="s3://bucket/x"))
-    with pytest.raises(NotImplementedError, match="PostgreSQL"):
-        create_app(Settings(data_dir=tmp_path, workers=0, database_url="postgresql://127.0.0.1/test"))
+def test_bad_store_and_storage_urls_fail_at_startup(tmp_path):
+    # Only s3:// is a storage URL (S3 itself is tested against moto: tests/api/test_s3_media.py).
+    with pytest.raises(ValueError, match="WAN_VACE_STORAGE_URL must be s3://bucket"):
+        create_app(Settings(data_dir=tmp_path, workers=0, storage_url="gs://bucket/x"))
+    # A PostgreSQL URL is opened at start-up: a server that is not there fails it, naming it.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(StoreUnreachable, match=f"127.0.0.1:{port}"):
+        create_app(Settings(data_dir=tmp_path, workers=0, database_url=f"postgresql://127.0.0.1:{port}/test"))
 
 
 def test_queue_position_of_queued_jobs(app_client):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from server.store import NewJob, open_store
+from server.store import NewJob, StoreUnreachable, open_store
 from server.store.sqlite import SqliteJobStore
 
 
@@ -48,6 +48,14 @@ def test_outbox_row_holds_the_event_not_its_body(store):
     }
 
 
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_open_store_urls(tmp_path):
     class S:
         database_url = f"sqlite:///{tmp_path}/other.sqlite3"
@@ -56,8 +64,10 @@ def test_open_store_urls(tmp_path):
     assert open_store(S()).path == f"{tmp_path}/other.sqlite3"
     S.database_url = ""
     assert open_store(S()).path == str(tmp_path / "default.sqlite3")
-    S.database_url = "postgresql://db/jobs"
-    with pytest.raises(NotImplementedError, match="not supported yet"):
+    # PostgreSQL is opened (tests/unit/test_store_postgres.py); a server that is not there is
+    # a clear StoreUnreachable naming it, not a traceback from the driver.
+    S.database_url = f"postgresql://u:pw@127.0.0.1:{_closed_port()}/jobs"
+    with pytest.raises(StoreUnreachable, match="127.0.0.1"):
         open_store(S())
     S.database_url = "mysql://db"
     with pytest.raises(ValueError):

@@ -1,8 +1,7 @@
 """The JobStore contract: what every backend must do, run against each of them.
 
-`store` is parametrized by BACKENDS, a name and a factory of an empty store in a scratch
-directory. A PostgreSQL backend joins the suite with one entry there (its factory skipping when no
-test database is configured). Backend-specific checks (SQLite's WAL mode, its migrations) live in
+`store` is parametrized by BACKENDS, a name and a factory of an empty store: SQLite in a scratch
+directory, PostgreSQL in a scratch schema of the machine's server. Backend-specific checks (SQLite's WAL mode, its migrations) live in
 tests/test_store.py and tests/test_store_migrations.py.
 """
 
@@ -10,7 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -27,14 +27,28 @@ from server.store import (
 )
 from server.store.sqlite import SqliteJobStore
 
-BACKENDS: dict[str, Callable[[Path], JobStore]] = {
-    "sqlite": lambda tmp_path: SqliteJobStore(tmp_path / "jobs.sqlite3"),
+
+def _postgres(tmp_path: Path, stack: ExitStack) -> JobStore:
+    from server.store.postgres import PostgresJobStore
+    from tests.pg import scratch_url
+
+    store = PostgresJobStore(stack.enter_context(scratch_url()), pool_size=4)
+    stack.callback(store.close)
+    return store
+
+
+BACKENDS: dict[str, Callable[[Path, ExitStack], JobStore]] = {
+    "sqlite": lambda tmp_path, stack: SqliteJobStore(tmp_path / "jobs.sqlite3"),
+    # The machine's PostgreSQL (tests/pg.py: a fresh schema per test; skipped without a server,
+    # except under CI=true, where it fails).
+    "postgres": _postgres,
 }
 
 
 @pytest.fixture(params=list(BACKENDS))
-def store(request, tmp_path) -> JobStore:
-    return BACKENDS[request.param](tmp_path)
+def store(request, tmp_path) -> Iterator[JobStore]:
+    with ExitStack() as stack:
+        yield BACKENDS[request.param](tmp_path, stack)
 
 
 def new(i: str, **kw) -> NewJob:
@@ -465,3 +479,117 @@ def test_settings(store):
     assert store.set_setting_if_absent("k", "first") == "first"
     assert store.set_setting_if_absent("k", "second") == "first"
     assert store.get_setting("k") == "first"
+
+
+def _insert(store, rows: list[dict]) -> None:
+    """Rows with chosen times, through the backend's own insert (both are transactional)."""
+    with store._transaction() as c:
+        for r in rows:
+            store._insert_job(c, {"model": "m", "input": {}, "base_url": "", "max_attempts": 1, **r})
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [{}, {"status": "created"}, {"status": "cancelled"}, {"created_after": 1003.0, "created_before": 1009.0}],
+    ids=repr,
+)
+def test_history_pages_cursors_and_windows(store, filters):
+    # Ties on created_at (three jobs a second), broken by id, newest first; every 4th finished.
+    rows = []
+    for i in range(40):
+        done = i % 4 == 0
+        rows.append({"id": f"h{(7 * i) % 40:02d}", "created_at": 1000.0 + i // 3,
+                     "status": State.CANCELLED if done else State.CREATED,
+                     "finished_at": 2000.0 + i if done else None})  # fmt: skip
+    _insert(store, rows)
+    lo, hi = filters.get("created_after", 0.0), filters.get("created_before", float("inf"))
+    by_hand = [
+        r["id"]
+        for r in sorted(rows, key=lambda r: (r["created_at"], r["id"]), reverse=True)
+        if lo <= r["created_at"] <= hi and filters.get("status", r["status"].value) == r["status"].value
+    ]
+    everything, total = store.history(page=1, page_size=100, **filters)
+    assert [j.id for j in everything] == by_hand and total == len(by_hand) > 4
+
+    # Cursor pages while new jobs arrive: in order, each once, none of the new ones.
+    seen, cursor, k = [], None, 0
+    while True:
+        jobs, _ = store.history(page=1, page_size=4, cursor=cursor, **filters)
+        seen += [j.id for j in jobs]
+        if len(jobs) < 4:
+            break
+        cursor = (jobs[-1].created_at, jobs[-1].id)
+        store.create(new(f"new{k}"))
+        k += 1
+    assert seen == by_hand
+
+    # Page numbers in a fixed window: the same rows, page by page; past the end, nothing.
+    window = {"created_before": 1999.0, **filters}
+    numbered = []
+    for page in range(1, len(by_hand) // 4 + 2):
+        numbered += [j.id for j in store.history(page=page, page_size=4, **window)[0]]
+    assert numbered == by_hand
+    assert store.history(page=len(by_hand) // 4 + 5, page_size=4, **window)[0] == []
+
+
+def test_finished_timings_newest_first_in_the_window(store):
+    store.create(NewJob(id="a", model="m", input={"num_inference_steps": 12}, base_url="", max_attempts=1))
+    store.create(NewJob(id="b", model="m", input={}, base_url="", max_attempts=1))
+    store.create(NewJob(id="c", model="m", input={"num_inference_steps": 3}, base_url="", max_attempts=1))
+    assert store.finished_timings(0.0, 10) == []
+    job = store.claim("w", 30)
+    store.complete(job.id, "w", outputs=[], has_nsfw=[], inference_ms=40, seed=None, extra={})
+    store.cancel("b")  # ended without ever being claimed
+    t = store.finished_timings(0.0, 10)
+    assert [(x.status, x.steps, x.inference_ms, x.started_at is None) for x in t] == [
+        ("cancelled", None, None, True),
+        ("completed", 12, 40, False),
+    ]
+    assert t[0].finished_at >= t[1].finished_at >= t[1].started_at >= t[1].created_at
+    assert len(store.finished_timings(0.0, 1)) == 1 and store.finished_timings(time.time() + 60, 10) == []
+
+
+def test_retention_marks_and_deletes_only_settled_finished_jobs(store):
+    _insert(store, [
+        {"id": "old1", "created_at": 1.0, "status": State.COMPLETED, "finished_at": 10.0},
+        {"id": "old2", "created_at": 2.0, "status": State.FAILED, "finished_at": 20.0},
+        {"id": "hook", "created_at": 3.0, "status": State.COMPLETED, "finished_at": 30.0},
+        {"id": "new", "created_at": 4.0, "status": State.COMPLETED, "finished_at": 1e12},
+        {"id": "queued", "created_at": 5.0, "status": State.CREATED},
+    ])  # fmt: skip
+    with store._transaction() as c:  # a webhook still to deliver keeps its job's row
+        store._insert_outbox_if_absent(
+            c, event_id="hook-completed", job_id="hook", url="http://r", status=State.COMPLETED, next_attempt_at=0.0
+        )
+    assert [j.id for j in store.expirable(100.0, 10)] == ["old1", "old2", "hook"]
+    assert [j.id for j in store.expirable(100.0, 2)] == ["old1", "old2"]
+    assert store.mark_outputs_expired(["old1", "queued", "new"], 50.0) == 2  # not the queued one
+    assert store.mark_outputs_expired(["old1"], 60.0) == 0  # marked once
+    assert store.get("old1").outputs_expired_at == 50.0
+    assert [j.id for j in store.expirable(100.0, 10)] == ["old2", "hook"]
+    assert store.prunable(100.0, 10) == ["old1", "old2"]
+    assert store.delete_jobs(["old1", "hook", "queued", "new"], 100.0) == 1
+    assert store.get("old1") is None and store.get("hook") is not None and store.get("queued") is not None
+    assert store.count_by_status() == {"completed": 2, "failed": 1, "created": 1}
+
+
+def test_locks(store):
+    assert store.acquire_lock("retention", "a", 30, now=100.0)
+    assert not store.acquire_lock("retention", "b", 30, now=110.0)  # held by a
+    assert store.acquire_lock("retention", "a", 30, now=120.0)  # a renews it, to 150
+    assert not store.acquire_lock("retention", "b", 30, now=149.0)
+    assert store.acquire_lock("retention", "b", 30, now=150.0)  # ran out: b takes it over
+    store.release_lock("retention", "a")  # not a's: nothing happens
+    assert not store.acquire_lock("retention", "a", 30, now=151.0)
+    store.release_lock("retention", "b")
+    assert store.acquire_lock("retention", "a", 30, now=152.0)
+
+
+def test_extend_leases_after_an_outage(store):
+    for i in "ab":
+        store.create(new(i))
+    store.claim("w1", 1)
+    store.claim("w2", 600)
+    assert store.extend_leases(60) == ["a"]  # b's lease runs longer already
+    assert 55 < store.get("a").lease_expires - time.time() <= 60
+    assert store.get("a").lease_owner == "w1" and store.expire_leases() == []
