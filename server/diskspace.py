@@ -63,7 +63,10 @@ def insufficient_storage(what: str) -> str:
 
 
 def check_free_space(settings: Any) -> None:
-    """Refuse a new upload or job with 507 while the data dir is below its free-space floor."""
+    """Refuse a new upload or job with 507 while the data dir is below its free-space floor.
+    With object storage (`storage_url`) nothing accepted is written to the data dir: no floor."""
+    if getattr(settings, "storage_url", None):
+        return
     usage = _usage(settings.data_dir)
     if usage is None:
         return

@@ -13,6 +13,19 @@ Two routers: `router` needs an API key; `signed` holds the ticket's `PUT`, which
 signed token is the authorisation). Tickets are signed with the uploads' own secret, kept in the
 store, so they stay valid across restarts and replicas of one store and are worth nothing
 anywhere else.
+
+With S3 storage and `WAN_VACE_MEDIA_URLS=presigned`, the ticket's `PUT` URL is a presigned PUT
+of the bucket instead (`Storage.presigned_put`), so the bytes go straight to it, and its
+`download_url` a presigned GET. The Content-Type the ticket was asked for is signed into it (a
+PUT with another one is refused by the bucket), and it expires after `upload_ticket_seconds`.
+What such a PUT does not enforce, because no code of ours sees it: the size cap (only a size
+declared on the ticket is checked, here), one-time use (the URL may be PUT to again, replacing
+the object, until it expires), and the sniffed type (the bytes may be anything). Those are
+enforced when the upload is used instead: the worker reads it from the bucket under the
+per-field size limits (`max_image_bytes`, `max_video_bytes`, server/fetch.py) and its decoder
+refuses bytes that are not the media the field takes (the job fails with code 1402), and
+retention deletes uploads that no job names after `retention_seconds`. In "api" mode every upload goes
+through this module and is checked here, as with the local folder.
 """
 
 from __future__ import annotations
@@ -163,8 +176,12 @@ async def upload_ticket(request: Request) -> dict[str, Any]:
             raise _too_large("media", cap)
     check_free_space(st.settings)  # refused now rather than at the PUT
     key = st.storage.new_key("uploads", media_filename(filename, ctype))
-    token = _sign(st, {"key": key, "exp": time.time() + st.settings.upload_ticket_seconds})
     base = st.base_url(request)
+    # Presigned mode: a PUT straight to the bucket (what it leaves unchecked: the docstring).
+    put_url = await run_in_threadpool(st.storage.presigned_put, key, ctype, st.settings.upload_ticket_seconds)
+    if put_url is None:
+        token = _sign(st, {"key": key, "exp": time.time() + st.settings.upload_ticket_seconds})
+        put_url = f"{base}/api/v3/media/uploads/{token}"
     headers = {"Content-Type": ctype} if ctype else {}
     return success(
         {
@@ -172,7 +189,7 @@ async def upload_ticket(request: Request) -> dict[str, Any]:
             "filename": filename,
             "size": size,
             "download_url": st.storage.url(base, key),
-            "upload": {"method": "PUT", "url": f"{base}/api/v3/media/uploads/{token}", "headers": headers},
+            "upload": {"method": "PUT", "url": put_url, "headers": headers},
         }
     )
 
@@ -190,10 +207,15 @@ async def upload_put(token: str, request: Request) -> dict[str, Any]:
     st = state_of(request)
     claims = _verify(st, token)
     key = claims["key"]
-    if key in _in_flight or st.storage.exists(key):
-        raise ApiError(409, "this upload URL was already used; ask for a new one")
+    used = ApiError(409, "this upload URL was already used; ask for a new one")
+    if key in _in_flight:
+        raise used
+    # Reserved before the existence check, which is a network round trip on object storage and
+    # so runs off the event loop: a second PUT of the ticket meanwhile finds the reservation.
     _in_flight.add(key)
     try:
+        if await run_in_threadpool(st.storage.exists, key):
+            raise used
         cap = max(st.settings.max_video_bytes, st.settings.max_image_bytes)
         data = await read_capped(request, cap, _too_large("media", cap))
         kind, mime = await run_in_threadpool(_check, st, data)

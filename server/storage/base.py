@@ -13,9 +13,16 @@ objects under a key prefix with their size and modification time, `delete(key)` 
 `outputs/<job>/...`, never `outputs/<job>x/...`), which is how an object store lists (by prefix,
 with LastModified) and deletes (in batches) too.
 
-Serving: `local_path(key)` hands the route a file, and `FileResponse` answers Range requests
-(video players seek with them) itself. An object store has no such file; it will answer `url()`
-with its own (presigned) address instead, so `/media/` is never asked for its keys.
+Serving: a backend that keeps files (`has_local_files`, the local folder) hands the `/media/`
+route one with `local_path(key)`, and `FileResponse` answers Range requests (video players seek
+with them) itself. An object store has no such file, so every backend also reads by range:
+`stat(key)` gives the size the route checks a Range header against, and `open_range(key, start,
+stop)` streams those bytes. In presigned mode an object store answers `url()` with its own
+address instead, and `presigned_put` lets the two-step upload go straight to it.
+
+Errors: a key that names nothing is a KeyError; a backend that cannot be reached right now (an
+object store's endpoint down, throttling, credentials refused) raises `StorageUnavailable`,
+which the API answers with 503 and Retry-After in the contract's envelope.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from server.kernel.errors import ApiError
+
 MEDIA_PREFIX = "/media/"
 _MAX_COMPONENT_BYTES = 255
 _MAX_KEY_BYTES = 1024
@@ -34,6 +43,24 @@ _MAX_KEY_BYTES = 1024
 
 class InvalidKey(KeyError):
     """A key that can name no stored object (it would leave the root, or no backend can hold it)."""
+
+
+class StorageUnavailable(ApiError):
+    """The storage backend cannot answer right now: its endpoint is unreachable or failing, it
+    throttles, or it refuses our credentials. Transient for the caller (the same call can succeed
+    later). An `ApiError` (503, Retry-After) so that any route that touches storage answers it in
+    the contract's envelope without a handler of its own."""
+
+    # A job that fails on it is run again while attempts remain (server/worker/job.py reads it).
+    retryable = True
+
+    def __init__(self, message: str):
+        super().__init__(503, message, headers={"Retry-After": "5"})
+
+
+class NoLocalFiles(TypeError):
+    """`local_path` on a backend that keeps no files (see `Storage.has_local_files`): read with
+    `stat` and `open_range` instead. A programming error, not a missing key, so not a KeyError."""
 
 
 def check_key(key: str) -> str:
@@ -110,10 +137,27 @@ class Storage(ABC):
     def exists(self, key: str) -> bool:
         """Whether an object is stored under `key` (False for keys that are not valid)."""
 
-    @abstractmethod
+    # Whether `local_path` can hand out a file (the local folder); an object store keeps none.
+    has_local_files: bool = False
+
     def local_path(self, key: str) -> Path:
         """The file holding the object, for the `/media/` route to serve with ranged reads;
-        KeyError when the key names no stored object."""
+        KeyError when the key names no stored object. Only backends with `has_local_files`:
+        the others raise NoLocalFiles."""
+        raise NoLocalFiles(
+            f"{type(self).__name__} keeps no local files; read objects with stat() and open_range()"
+        )
+
+    @abstractmethod
+    def stat(self, key: str) -> StoredObject:
+        """The object's size and modification time; KeyError when the key names no stored object."""
+
+    @abstractmethod
+    def open_range(self, key: str, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+        """The object's bytes `start` (included) to `stop` (excluded; None: the end), in chunks.
+        The object is opened before this returns, so a missing key raises KeyError here and not
+        halfway through a response; the caller checks the range against `stat` first (a range
+        past the end yields what there is). Close the iterator (or exhaust it) to release it."""
 
     @abstractmethod
     def iter_objects(self, prefix: str = "") -> Iterator[StoredObject]:
@@ -144,6 +188,12 @@ class Storage(ABC):
     def url(self, base_url: str, key: str) -> str:
         """The URL clients fetch the object at."""
         return media_url(base_url, key)
+
+    def presigned_put(self, key: str, content_type: str, expires_s: float) -> str | None:
+        """A URL a client can PUT the object's bytes to directly (sending `Content-Type:
+        content_type` when one is given), valid `expires_s` seconds; None when uploads go through
+        the API (every backend but an object store in presigned mode)."""
+        return None
 
     def key_from_url(self, url: str, base_urls: list[str]) -> str | None:
         """The key of one of our own media URLs (on any of `base_urls`), else None."""

@@ -30,6 +30,8 @@ _PART = re.compile(r"\.[0-9a-f]{16}\.part")
 
 
 class LocalStorage(Storage):
+    has_local_files = True
+
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -119,6 +121,20 @@ class LocalStorage(Storage):
         except (FileNotFoundError, IsADirectoryError):  # removed between the check and the read
             raise KeyError(key) from None
 
+    def stat(self, key: str) -> StoredObject:
+        try:
+            st = self.local_path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):  # removed between the check and the stat
+            raise KeyError(key) from None
+        return StoredObject(key, st.st_size, st.st_mtime)
+
+    def open_range(self, key: str, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+        try:
+            f = open(self.local_path(key), "rb")  # noqa: SIM115 - closed by the generator
+        except (FileNotFoundError, IsADirectoryError):
+            raise KeyError(key) from None
+        return _chunks(f, start, stop)
+
     def exists(self, key: str) -> bool:
         try:
             self.local_path(key)
@@ -199,3 +215,17 @@ class LocalStorage(Storage):
             except OSError:
                 return
             d = d.parent
+
+
+def _chunks(f: BinaryIO, start: int, stop: int | None, size: int = 1 << 20) -> Iterator[bytes]:
+    """`f`'s bytes from `start` to `stop`, then closes it (also when the reader stops early)."""
+    with f:
+        f.seek(start)
+        left = None if stop is None else max(0, stop - start)
+        while left is None or left > 0:
+            chunk = f.read(size if left is None else min(size, left))
+            if not chunk:
+                return
+            if left is not None:
+                left -= len(chunk)
+            yield chunk

@@ -6,6 +6,7 @@ HTTP; anything else goes through `server.fetch` and its address guard.
 
 from __future__ import annotations
 
+from server.diskspace import human
 from server.kernel.errors import MediaAccessError
 from server.kernel.request import VaceRequest
 from server.kernel.runner import Media
@@ -21,12 +22,18 @@ def fetch_inputs(
 
     limits = {"image": settings.max_image_bytes, "video": settings.max_video_bytes}
 
-    def local(url: str, label: str) -> bytes | None:
+    def local(url: str, label: str, limit: int) -> bytes | None:
         key = storage.key_from_url(url, base_urls)
         if key is None:
             return None
-        if not storage.exists(key):
-            raise MediaAccessError(f"{label}: no such file on this server")
+        try:
+            size = storage.stat(key).size
+        except KeyError:
+            raise MediaAccessError(f"{label}: no such file on this server") from None
+        # Checked before reading: an upload through a presigned PUT (object storage) was never
+        # size-checked by the API, and must not be read whole into memory first.
+        if size > limit:
+            raise MediaAccessError(f"{label}: the file is larger than the {human(limit)} limit ({human(size)})")
         return storage.read_bytes(key)
 
     media: Media = {}
@@ -36,7 +43,9 @@ def fetch_inputs(
             timeout_s=settings.fetch_timeout,
             allow_private=settings.allow_private_urls,
         )
-        data = fetch_media(url, label, policy, local_resolver=lambda u, lb=label: local(u, lb))
+        data = fetch_media(
+            url, label, policy, local_resolver=lambda u, lb=label, m=policy.max_bytes: local(u, lb, m)
+        )
         if field.many:
             media.setdefault(field.name, []).append(data)
         else:

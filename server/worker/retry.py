@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from server.diskspace import is_disk_full
+from server.storage import StorageUnavailable
 from server.store import StoreUnavailable
 
 FIRST_DELAY_S = 0.5
@@ -31,9 +32,9 @@ def disk_trouble(exc: BaseException) -> bool:
 
 def transient(exc: BaseException) -> bool:
     """Whether a store or storage call that raised `exc` is worth retrying: the store says it is
-    unavailable, SQLite says something it did not translate (a lock held past its timeout), or
-    the file system is full or failing."""
-    return isinstance(exc, (StoreUnavailable, sqlite3.OperationalError)) or disk_trouble(exc)
+    unavailable, the object store's endpoint is (StorageUnavailable), SQLite says something it did
+    not translate (a lock held past its timeout), or the file system is full or failing."""
+    return isinstance(exc, (StoreUnavailable, StorageUnavailable, sqlite3.OperationalError)) or disk_trouble(exc)
 
 
 class Outage:
