@@ -29,3 +29,9 @@ class PipelineConfig:
     # with has_nsfw_contents [true] (as WaveSpeed); "withhold" fails the job instead.
     safety_checker: str = "auto"
     nsfw_policy: str = "flag"
+    # GPUs one job is split over (context parallelism, pipelines/group.py): 1 = one process on
+    # one device; N > 1 = this process is rank 0 of a torch.distributed group it starts itself.
+    gpus_per_job: int = 1
+    # How long a rank waits in a collective (or at start-up for the others) before the job fails
+    # as a broken group rather than hanging.
+    group_timeout_s: float = 300.0

@@ -190,7 +190,7 @@ class VaceRunner:
 
         # 3. Denoise, then the VAE decode; the frames come back as a tensor on the device.
         t0 = time.monotonic()
-        out = self.pipe(
+        out = self._call_pipe(
             prompt=req.prompt,
             **self._negative(req.negative_prompt or DEFAULT_NEGATIVE_PROMPT),
             **cond.pipeline_kwargs(),
@@ -218,6 +218,11 @@ class VaceRunner:
             payload=payload, seed=seed, inference_ms=inference_ms, render_size=(rw, rh),
             has_nsfw=flagged, safety_checked=checked, notes=notes,
         )  # fmt: skip
+
+    def _call_pipe(self, **kwargs: Any) -> Any:
+        """The pipeline call of `render`: a group runner (pipelines/group.py) overrides it to
+        run the same call on every rank of its group."""
+        return self.pipe(**kwargs)
 
     def _negative(self, text: str) -> dict[str, Any]:
         """The pipeline's negative-prompt argument: the cached embeddings for the default one
@@ -328,8 +333,14 @@ def save_conditioning(cond: Any, workdir: Path, encode_mp4: Callable[..., None])
 
 
 def load_runner(config: PipelineConfig) -> VaceRunner:
-    """The served runner: the pipeline of `config.model` loaded from local weights."""
+    """The served runner: the pipeline of `config.model` loaded from local weights; over a
+    group of processes when `config.gpus_per_job` > 1 (pipelines/group.py)."""
     from pipelines.loader import load_pipeline
+
+    if config.gpus_per_job > 1:
+        from pipelines.group import load_group_runner
+
+        return load_group_runner(config)
 
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
@@ -338,28 +349,33 @@ def load_runner(config: PipelineConfig) -> VaceRunner:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe, info = load_pipeline(config.model, weights_root=config.weights_root, device=device)
     pipe.set_progress_bar_config(disable=True)
+    return VaceRunner(pipe, **runner_options(config, info, device))
+
+
+def runner_options(config: PipelineConfig, info: Any, device: str) -> dict[str, Any]:
+    """`VaceRunner`'s keyword arguments (all but the pipeline) for a loaded model: its
+    preprocessors, safety checker, caches and encoder settings."""
     from pipelines.weights import task_readiness, weights_resolver
 
     tiny = info.kind == "random"
     resolve = weights_resolver(config.weights_root)
     context = PreprocessorContext(device=device, weights=resolve, tiny=tiny)
     safety, safety_note = _safety_checker(config, device, tiny, resolve)
-    return VaceRunner(
-        pipe,
-        name=config.model,
-        kind=info.kind,
-        device=device,
-        downscale=info.render_downscale if config.tiny_downscale is None else config.tiny_downscale,
-        encode_preset=config.encode_preset,
-        encode_threads=config.encode_threads,
-        caches=True,
-        preprocessors=PreprocessorSet(context),
-        safety=safety,
-        safety_note=safety_note,
-        nsfw_policy=config.nsfw_policy,
-        preprocessor_memory=config.preprocessor_memory,
-        tasks=task_readiness(config.weights_root, tiny=tiny),
-    )
+    return {
+        "name": config.model,
+        "kind": info.kind,
+        "device": device,
+        "downscale": info.render_downscale if config.tiny_downscale is None else config.tiny_downscale,
+        "encode_preset": config.encode_preset,
+        "encode_threads": config.encode_threads,
+        "caches": True,
+        "preprocessors": PreprocessorSet(context),
+        "safety": safety,
+        "safety_note": safety_note,
+        "nsfw_policy": config.nsfw_policy,
+        "preprocessor_memory": config.preprocessor_memory,
+        "tasks": task_readiness(config.weights_root, tiny=tiny),
+    }
 
 
 def _safety_checker(config: PipelineConfig, device: str, tiny: bool, resolve: Any) -> tuple[Any, str]:

@@ -21,7 +21,7 @@ STALE_S = 15.0
 
 @dataclass
 class Capacity:
-    state: str  # starting | loading | ready | busy | failed
+    state: str  # starting | loading | ready | busy | stopping | failed
     reason: str
     workers: list[dict[str, Any]]  # every worker worth showing, as /health lists them
     live: list[dict[str, Any]] = field(default_factory=list)
@@ -54,13 +54,18 @@ def capacity(st: AppState) -> Capacity:
             }
         )
     live = [w for w in workers if w["alive"]]
-    expected = st.settings.workers
+    # The workers this server runs (its host's plan); without a supervisor (an app built with
+    # none), what the settings would plan.
+    expected = len(sup.slots) if sup is not None else st.settings.worker_count
+    # A `stopping` worker is alive (finishing its jobs) but takes no more: never ready or busy.
     if any(w["state"] == "busy" for w in live):
         state, reason = "busy", ""
     elif any(w["state"] == "ready" for w in live):
         state, reason = "ready", ""
     elif any(w["state"] == "loading" for w in live):
         state, reason = "loading", "loading model weights"
+    elif any(w["state"] == "stopping" for w in live):
+        state, reason = "stopping", "the workers are stopping: they finish their jobs and take no more"
     elif sup is not None and sup.failed_reason:
         state, reason = "failed", sup.failed_reason
     elif expected == 0 and not workers:

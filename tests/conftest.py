@@ -26,7 +26,10 @@ class ServerProcess(testing.ServerProcess):
 
     def __init__(self, data_dir: Path, port: int | None = None, model: str = "tiny", **env: str):
         super().__init__(
-            data_dir, port, model, cwd=ROOT, api_key=API_KEY, **{"WAN_VACE_LEASE_SECONDS": "6", **env}
+            data_dir, port, model, cwd=ROOT, api_key=API_KEY,
+            # A stop hands running jobs back at once unless a test asks for a drain
+            # (tests/e2e/test_shutdown.py), so stopping a server mid-job stays quick.
+            **{"WAN_VACE_LEASE_SECONDS": "6", "WAN_VACE_SHUTDOWN_GRACE": "0", **env},
         )
 
 

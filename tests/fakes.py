@@ -354,3 +354,56 @@ def _held_once_on_disk(settings):
 
 def held_once_on_disk(settings) -> TwoStageRunner:
     return TwoStageRunner(_held_once_on_disk(settings))
+
+
+# Timed jobs, and what a spawned worker's environment is ------------------------------------------
+# The CUDA variables a worker's slot sets (server/gpus.py), as the runner's process sees them.
+CUDA_VARIABLES = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+
+
+def _sleeps(stage: str, prompt: str, progress: ProgressFn) -> None:
+    """A job whose prompt is "sleep S" renders for S seconds, reporting progress every 50 ms (so
+    a cancel, a lost lease or a hand-back stops it there); any other job returns at once."""
+    if stage != "render" or not prompt.startswith("sleep "):
+        return
+    end = time.monotonic() + float(prompt.split()[1])
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(0.05, left))
+        progress(None)
+
+
+class EnvironmentRunner(TwoStageRunner):
+    """A two-stage runner whose `info` (published in the worker row, shown by /health) reports
+    the CUDA variables of the process it runs in."""
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {**super().info, "environment": {k: os.environ.get(k) for k in CUDA_VARIABLES}}
+
+
+def sleeps(settings) -> EnvironmentRunner:
+    return EnvironmentRunner(_sleeps)
+
+
+def ignores_sigterm(settings) -> EnvironmentRunner:
+    """A worker that does not stop when asked (its runner's setup, on the worker's main thread,
+    ignores SIGTERM and SIGINT): only SIGKILL ends it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return EnvironmentRunner(_sleeps)
+
+
+class GroupBroke(RuntimeError):
+    """Like pipelines.group.GroupFailed: the job may run again elsewhere, this runner may not."""
+
+    retryable = True
+    fatal = True
+
+
+def _group_broke(progress: ProgressFn) -> None:
+    progress(0.2)
+    raise GroupBroke("rank 1 of the GPU group died (simulated)")
+
+
+def breaks_its_group(settings) -> FakeRunner:
+    return FakeRunner(_group_broke)

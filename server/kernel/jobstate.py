@@ -87,6 +87,9 @@ class WorkerState(str, Enum):
     READY = "ready"  # idle, claiming
     BUSY = "busy"  # running a job
     FAILED = "failed"  # could not load its model: not restarted, the reason says why
+    # Asked to stop (SIGTERM): claims nothing more, finishes the jobs it holds within the
+    # shutdown grace, then hands back what is left.
+    STOPPING = "stopping"
     STOPPED = "stopped"
 
 

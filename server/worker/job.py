@@ -81,6 +81,9 @@ class JobRun:
         self.outage = outage or Outage(f"worker {worker_id}", log)
         self.workdir: Path | None = None  # made by the device stage, removed by the last one
         self._superseded = False
+        # A failure that leaves the runner unusable (`fatal`: a multi-GPU group that lost a
+        # rank); the job is recorded as failed or re-queued, then the worker must restart.
+        self.fatal: Exception | None = None
 
     def supersede(self) -> None:
         """This worker claimed the job again (its lease was lost meanwhile): this run is over
@@ -186,6 +189,8 @@ class JobRun:
 
     def _fail(self, e: Exception) -> None:
         job = self.job
+        if getattr(e, "fatal", False):
+            self.fatal = e
         code, message = task_error_of(e)
         retryable = getattr(e, "retryable", False)
         if is_disk_full(e):  # not the job's fault: run it again once there is room

@@ -1,4 +1,9 @@
-"""Starts the local worker processes (in the API process) and keeps them alive.
+"""Starts the local worker processes (in the API process, or in `wan-vace worker` when its host
+runs several) and keeps them alive.
+
+One worker per slot of the host's plan (server/gpus.py): each is started with its slot's
+`CUDA_VISIBLE_DEVICES` (its GPU, or its group of `gpus_per_job` GPUs), set in the child before
+anything there can import torch.
 
 Workers are spawned, never forked (a forked child would inherit the API's threads and sockets,
 and CUDA cannot be initialised in a fork). A worker that dies is restarted; its job is handed
@@ -9,6 +14,11 @@ is restarted unless the server is shutting down meanwhile (Ctrl-C signals server
 together). Workers are spawned with SIGINT and SIGTERM blocked until their handlers are in place,
 so no signal can kill one mid-start with a traceback.
 The supervisor also expires leases of workers anywhere (another machine, an earlier run).
+
+Stopping (the server shuts down): each worker is sent SIGTERM (unless it is draining already: a
+Ctrl-C reached it first) and given `shutdown_grace` seconds and a margin to finish its jobs and
+hand back the rest itself; one still running then is killed and its jobs handed back, counted
+(it did not stop when asked).
 
 A store outage (a full disk) never ends the supervisor thread: a tick whose store call fails is
 tried again with backoff (0.5 s doubling to 10 s), the outage logged once. Once the store
@@ -36,9 +46,11 @@ from contextlib import contextmanager
 from multiprocessing import resource_tracker
 from typing import Any
 
+from server import gpus
 from server.capacity import STALE_S
 from server.kernel.errors import CODE_UNAVAILABLE
 from server.kernel.ids import new_worker_id
+from server.kernel.jobstate import WorkerState
 from server.kernel.runner import RunnerFactory
 from server.logs import configure as configure_logging
 from server.settings import Settings
@@ -62,6 +74,8 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 # second, time to renew. An outage longer than this made an expiry attempt fail, and the leases
 # are renewed before any expires (`_forgive`).
 _EXPIRY_GRACE_S = 3.0
+# A stopping worker gets the shutdown grace and this long besides to hand back and exit.
+_STOP_MARGIN_S = 10.0
 
 
 @contextmanager
@@ -98,16 +112,24 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _worker_process(
-    settings_json: str, worker_id: str, parent_pid: int, runner_factory: RunnerFactory | None
+    settings_json: str,
+    worker_id: str,
+    parent_pid: int,
+    runner_factory: RunnerFactory | None,
+    env: dict[str, str] | None = None,
+    slot_info: dict[str, Any] | None = None,
 ) -> None:
-    """A spawned worker's entry: its logging first, as the server's (level, text or JSON lines
-    naming the worker), then the worker itself."""
+    """A spawned worker's entry: its slot's environment first (CUDA_VISIBLE_DEVICES: CUDA reads
+    it once, when torch first initialises it, which nothing before this line does), then its
+    logging, as the server's (level, text or JSON lines naming the worker), then the worker."""
+    os.environ.update(env or {})
     configure_logging(Settings.model_validate_json(settings_json), worker=worker_id)
-    worker_main(settings_json, worker_id, parent_pid, runner_factory)
+    worker_main(settings_json, worker_id, parent_pid, runner_factory, slot_info)
 
 
 class _Slot:
-    def __init__(self) -> None:
+    def __init__(self, plan: gpus.Slot) -> None:
+        self.plan = plan  # its GPUs and the environment its worker starts with
         self.proc: Any = None
         self.worker_id = ""
         self.started = 0.0
@@ -126,7 +148,9 @@ class Supervisor:
         # spawned process unpickles it by reference); the tests pass failure-named fakes.
         self.runner_factory = runner_factory
         self.host = socket.gethostname()
-        self.slots = [_Slot() for _ in range(max(0, settings.workers))]
+        # GpuPlanError for GPUs asked for that are not there (the CLI checked before the API).
+        self.plan = gpus.plan(settings)
+        self.slots = [_Slot(p) for p in self.plan.slots]
         self.failed_reason = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -143,6 +167,10 @@ class Supervisor:
         return host == self.host
 
     def start(self) -> None:
+        if self.slots or self.plan.warnings:
+            log.info("worker plan: %s", self.plan.describe())
+        for warning in self.plan.warnings:
+            log.warning("%s", warning)
         try:
             self._recover_from_earlier_run()
             self._recovered = True
@@ -170,14 +198,19 @@ class Supervisor:
         slot.released = None
         slot.proc = self._ctx.Process(
             target=_worker_process,
-            args=(self.s.model_dump_json(), slot.worker_id, os.getpid(), self.runner_factory),
+            args=(self.s.model_dump_json(), slot.worker_id, os.getpid(), self.runner_factory,
+                  dict(slot.plan.env), slot.plan.info()),
             name=f"wan-vace-worker-{slot.worker_id}",
-            daemon=True,
-        )
+            # A daemon process may not start processes, and a worker over several GPUs starts
+            # its group's other ranks. Either kind ends with the server all the same: `stop`
+            # terminates it, and a worker whose server died hands its jobs back and exits.
+            daemon=self.s.gpus_per_job == 1,
+        )  # fmt: skip
         with _stop_signals_blocked():
             slot.proc.start()
         slot.started = time.monotonic()
-        log.info("started worker %s (pid %s)", slot.worker_id, slot.proc.pid)
+        where = f" on CUDA_VISIBLE_DEVICES={slot.plan.cuda_visible_devices}" if slot.plan.gpus else ""
+        log.info("started worker %s (pid %s)%s", slot.worker_id, slot.proc.pid, where)
 
     def _loop(self) -> None:
         while not self._stop.wait(0.5):
@@ -316,18 +349,49 @@ class Supervisor:
         }
 
     def stop(self) -> None:
+        """Stop every worker: SIGTERM (each drains: finishes its jobs within the shutdown grace,
+        hands back the rest), wait the grace and a margin, then kill what still runs and hand
+        its jobs back, counted."""
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
-        procs = [s.proc for s in self.slots if s.proc is not None and s.proc.is_alive()]
-        for p in procs:
-            p.terminate()  # SIGTERM: the worker hands its job back and exits
-        deadline = time.monotonic() + 10
-        for p in procs:
-            p.join(timeout=max(0.1, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        running = [s for s in self.slots if s.proc is not None and s.proc.is_alive()]
+        draining = self._draining_ids() if running else set()
+        for slot in running:
+            # One already draining (Ctrl-C reached it) is not signalled again: a second signal
+            # would cut its grace short.
+            if slot.worker_id not in draining:
+                slot.proc.terminate()
+        deadline = time.monotonic() + self.s.shutdown_grace + _STOP_MARGIN_S
+        for slot in running:
+            slot.proc.join(timeout=max(0.1, deadline - time.monotonic()))
+            if slot.proc.is_alive():
+                slot.proc.kill()
+                slot.proc.join(timeout=5)
+                self._killed(slot)
+
+    def _draining_ids(self) -> set[str]:
+        try:
+            return {w.id for w in self.store.workers() if w.state == WorkerState.STOPPING.value}
+        except Exception:  # the store is down: signal every worker, as before there were drains
+            log.debug("reading the worker rows failed", exc_info=True)
+            return set()
+
+    def _killed(self, slot: _Slot) -> None:
+        """A worker that outlived the grace was killed: its jobs did not finish, and it did not
+        hand them back, so they are re-queued now with the attempt counted."""
+        reason = (
+            f"The worker did not stop within the shutdown grace ({self.s.shutdown_grace:g} s) and was killed"
+        )
+        try:
+            released = self.store.release_worker(slot.worker_id, reason)
+            self._mark_stopped(slot.worker_id, reason)
+        except Exception:  # the store is down: the next start (or the leases running out) does it
+            log.exception("worker %s: handing back the jobs of a killed worker failed", slot.worker_id)
+            return
+        remove_work_dirs(slot.worker_id)
+        what = "; ".join(r.describe() for r in released) or "it held no job"
+        log.warning("worker %s killed after the shutdown grace: %s", slot.worker_id, what)
 
 
 __all__ = ["Supervisor", "WorkerInfo"]

@@ -25,7 +25,8 @@ from tests import fakes
 @pytest.fixture
 def settings(tmp_path) -> Settings:
     return Settings(data_dir=tmp_path, model="tiny", workers=1, lease_seconds=5.0,
-                    poll_interval=0.02, max_attempts=2, retry_delay=0.0)  # fmt: skip
+                    poll_interval=0.02, max_attempts=2, retry_delay=0.0,
+                    shutdown_grace=0.0)  # a signal hands back at once (draining: test_shutdown.py)  # fmt: skip
 
 
 def submit(store: JobStore, prompt: str, max_attempts: int = 2) -> str:
@@ -216,3 +217,15 @@ def test_sigint_to_a_spawned_worker_hands_the_job_back_without_a_traceback(setti
         sup.stop()
     err = capfd.readouterr().err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_a_failure_that_breaks_the_runner_records_the_job_then_ends_the_worker(settings):
+    # A multi-GPU group that lost a rank cannot run another job: the job goes back to the queue
+    # (retryable) and the worker exits, so its supervisor restarts it with a new group.
+    store = open_store(settings)
+    job_id = submit(store, "boom")
+    worker = Worker(settings, "w-group", runner_factory=fakes.breaks_its_group)
+    with pytest.raises(RuntimeError, match="cannot run more jobs.*rank 1 of the GPU group died"):
+        worker.run()
+    job = store.get(job_id)
+    assert job.status is State.CREATED and job.attempts == 1 and "rank 1" in job.error
