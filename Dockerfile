@@ -18,12 +18,13 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
-# Dependencies before code, so a code change does not reinstall torch.
+# Dependencies before code, so a code change does not reinstall torch. [cluster] brings the
+# PostgreSQL and S3 drivers, so one image serves every role (docs/cluster.md).
 COPY pyproject.toml README.md ./
 RUN mkdir -p server pipelines preprocessors \
     && touch server/__init__.py pipelines/__init__.py preprocessors/__init__.py \
     && pip install torch==2.11.0 torchvision==0.26.0 \
-    && pip install .
+    && pip install "./[cluster]"
 COPY server ./server
 COPY pipelines ./pipelines
 COPY preprocessors ./preprocessors

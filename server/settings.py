@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server import gpus
+
 MODEL_ID = "wavespeed-ai/wan-2.1-14b-vace"
 
 
@@ -26,10 +28,25 @@ class Settings(BaseSettings):
     # A weights.toml name: `tiny` (random weights, runs anywhere), `wan2.1-vace-14b`, `wan2.1-vace-1.3b`.
     model: str = "tiny"
     weights_dir: Path | None = None  # default: <data_dir>/weights
-    # Unset: a SQLite file in the data dir. `postgresql://...` is for the scale-out issue.
+    # Unset: a SQLite file in the data dir. `postgresql://user:pass@host:5432/db` shares one
+    # PostgreSQL database between API replicas and workers on any number of machines.
     database_url: str | None = None
-    # Unset: a folder in the data dir. `s3://bucket/prefix` is for the scale-out issue.
+    # Connections each process keeps open to PostgreSQL at most (its pool); one more is held
+    # for LISTEN by processes that wait for events.
+    database_pool_size: int = Field(8, ge=1)
+    # Unset: a folder in the data dir. `s3://bucket/prefix` (prefix optional): an S3-compatible
+    # bucket shared by every replica and worker. Credentials come from boto3's usual chain
+    # (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, an instance role).
     storage_url: str | None = None
+    # The S3 endpoint of a non-AWS server (MinIO, Ceph, R2, ...); unset: AWS for the region.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    # How clients reach stored files: "api" through this server's /media/ route (any backend),
+    # or "presigned" (S3 only): outputs answer presigned GET URLs of the bucket and the two-step
+    # upload hands out a presigned PUT, so the bytes never pass through the API.
+    media_urls: Literal["api", "presigned"] = "api"
+    # How long a presigned URL stays valid.
+    presign_seconds: float = Field(3600.0, gt=0, le=7 * 86400)
     # Absolute origin clients reach us at (behind a proxy). Unset: the request's own base URL.
     public_url: str | None = None
     # Where `wan-vace serve` listens; `--host` / `--port` win over these.
@@ -51,8 +68,17 @@ class Settings(BaseSettings):
     # Explicit opt-in to serving without any key (local experiments only).
     open_access: bool = False
 
-    # Worker processes this server spawns (`--workers`); 0 = API only.
-    workers: int = 1
+    # Worker processes this server spawns (`--workers`); 0 = API only. Unset: one per visible
+    # GPU (one per group of gpus_per_job GPUs), or one on a host without a GPU.
+    workers: int | None = Field(None, ge=0)
+    # The GPUs this host's workers use (`--gpus 0,1`), CUDA indices; unset: every visible GPU.
+    gpus: Annotated[list[int], NoDecode] | None = None
+    # GPUs one job runs on (context parallelism over torch.distributed); each worker is then a
+    # group of this many processes, rank 0 claiming jobs.
+    gpus_per_job: int = Field(1, ge=1)
+    # A worker asked to stop (SIGTERM) stops claiming and finishes the job it holds if it can
+    # within this many seconds; past it, the job is handed back to the queue (not counted).
+    shutdown_grace: float = Field(30.0, ge=0)
     device: str = "auto"  # auto = cuda when available, else cpu
     # torch CPU threads per worker (unset: torch's default, one per core). On a shared or small
     # CPU host, OpenMP threads spin-waiting against other processes can make a job 5x slower.
@@ -135,6 +161,16 @@ class Settings(BaseSettings):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
 
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _split_gpus(cls, v: object) -> object:
+        if isinstance(v, str):
+            parts = [p.strip() for p in v.split(",") if p.strip()]
+            if not all(p.isdigit() for p in parts):
+                raise ValueError(f"gpus must be CUDA device indices separated by commas, e.g. 0,1; got {v!r}")
+            return [int(p) for p in parts]
+        return v
+
     @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower_level(cls, v: object) -> object:
@@ -151,6 +187,13 @@ class Settings(BaseSettings):
                 f"({files:g}, 0 = files kept forever): deleting a job's row deletes its files too"
             )
         return self
+
+    @property
+    def worker_count(self) -> int:
+        """Worker processes `serve` starts (each on its group of gpus_per_job GPUs): `workers`,
+        else one per GPU group of this host, else one (server/gpus.py, detected once). Raises
+        server.gpus.GpuPlanError for GPUs asked for that this host does not show."""
+        return gpus.plan(self).count
 
     @property
     def resolved_weights_dir(self) -> Path:
