@@ -5,8 +5,10 @@ loading function."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from pipelines.speed import SpeedConfig
 
 
 @dataclass(frozen=True)
@@ -35,3 +37,12 @@ class PipelineConfig:
     # How long a rank waits in a collective (or at start-up for the others) before the job fails
     # as a broken group rather than hanging.
     group_timeout_s: float = 300.0
+    # The exact path's speed and memory modes (pipelines/speed.py): attention backend, regional
+    # compile, resident / fp8 / offload, VAE tiling, text encoder placement.
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    # What `enable_fast_mode: true` does: "step_cache" (pipelines/stepcache.py: skip the main
+    # blocks on steps whose first block barely changed; the VACE hints are recomputed every
+    # step) or "off" (fast mode requests run exact).
+    fast_mode: str = "step_cache"
+    fast_mode_threshold: float = 0.1
+    fast_mode_warmup: int = 2

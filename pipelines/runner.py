@@ -19,6 +19,7 @@ The worker (server/worker/) owns everything around it: leases, fetching, storage
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -35,7 +36,7 @@ from PIL import Image
 from pipelines.caches import GrayClipCache, PromptCache
 from pipelines.config import PipelineConfig
 from preprocessors.registry import PreprocessorContext, PreprocessorSet
-from server.kernel.errors import NotSupportedYet, TaskError
+from server.kernel.errors import TaskError
 from server.kernel.request import FPS, VaceRequest
 from server.kernel.runner import Media, ProgressFn, Rendered, RunResult
 
@@ -75,8 +76,19 @@ class VaceRunner:
         nsfw_policy: str = "flag",
         preprocessor_memory: str = "resident",
         tasks: dict[str, str] | None = None,
+        speed: Any = None,
+        step_cache: Any = None,
     ):
         self.pipe = pipe
+        # What pipelines/speed.py chose (SpeedReport), or None for a pipeline left as loaded.
+        self.speed = speed
+        # The VACE step cache behind enable_fast_mode (pipelines/stepcache.py), or None: fast
+        # mode requests then run exact, and the answer says so.
+        self.step_cache = None
+        if step_cache is not None:
+            from pipelines.stepcache import enable_step_cache
+
+            self.step_cache = enable_step_cache(pipe.transformer, step_cache)
         self.encode_preset = encode_preset
         self.encode_threads = encode_threads
         # The exact caches (pipelines/caches.py), off for a pipeline stand-in in the tests.
@@ -127,6 +139,16 @@ class VaceRunner:
                 f"exact: the no-video gray clip's latent (last {self.gray_cache.entries} sizes), "
                 "the default negative prompt's embeddings"
             )
+        if self.speed is not None:
+            info["speed"] = self.speed.as_info()
+        if self.step_cache is not None:
+            c = self.step_cache.config
+            info["fast_mode"] = (
+                f"step cache (VACE-correct first-block residual: hints recomputed every step), "
+                f"threshold {c.threshold:g}, first {c.warmup} steps always computed"
+            )
+        else:
+            info["fast_mode"] = "off: enable_fast_mode requests run exact"
         if self.downscale > 1:
             info["render"] = (
                 f"random-weight tiny model: renders each side at 1/{self.downscale} (rounded to 16 px) "
@@ -140,7 +162,12 @@ class VaceRunner:
         return render_size(width, height, self.downscale)
 
     def warm_up(self) -> None:
-        """One minimal run so the first job does not pay for lazy initialisation."""
+        """One minimal run so the first job does not pay for lazy initialisation; with compile
+        on, one transformer forward per served size first, so no job waits for a compile."""
+        if self.speed is not None and str(self.speed.compile).startswith("pending"):
+            from pipelines import speed
+
+            speed.warm_up(self.pipe, speed.served_sizes(self.render_size), self.speed)
         self.pipe(
             prompt="warm up",
             negative_prompt="",
@@ -161,12 +188,12 @@ class VaceRunner:
         nothing to `workdir`: a failure here leaves no file behind."""
         from pipelines.inputs import prepare_inputs
 
-        if req.enable_fast_mode:
-            raise NotSupportedYet(
-                "enable_fast_mode is not supported yet by this server; send it as false or omit it"
-            )
         width, height = req.width, req.height
         rw, rh = self.render_size(width, height)
+        if self.speed is not None:
+            from pipelines.speed import set_vae_tiling
+
+            set_vae_tiling(self.pipe, self.speed, rw, rh)
 
         # 1. Media decoded at the render size, then the conditioning (pipelines/inputs.py).
         cond, notes = prepare_inputs(
@@ -190,19 +217,31 @@ class VaceRunner:
 
         # 3. Denoise, then the VAE decode; the frames come back as a tensor on the device.
         t0 = time.monotonic()
-        out = self._call_pipe(
-            prompt=req.prompt,
-            **self._negative(req.negative_prompt or DEFAULT_NEGATIVE_PROMPT),
-            **cond.pipeline_kwargs(),
-            num_inference_steps=steps,
-            guidance_scale=req.guidance_scale,
-            conditioning_scale=req.context_scale,
-            generator=torch.Generator().manual_seed(seed),
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-            output_type="pt",
-            callback_on_step_end=on_step,
-        )
+        fast = None
+        if req.enable_fast_mode and self.step_cache is not None:
+            fast = self.step_cache.job(steps)
+        with fast if fast is not None else contextlib.nullcontext() as stats:
+            out = self._call_pipe(
+                prompt=req.prompt,
+                **self._negative(req.negative_prompt or DEFAULT_NEGATIVE_PROMPT),
+                **cond.pipeline_kwargs(),
+                num_inference_steps=steps,
+                guidance_scale=req.guidance_scale,
+                conditioning_scale=req.context_scale,
+                generator=torch.Generator().manual_seed(seed),
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+                output_type="pt",
+                callback_on_step_end=on_step,
+            )
         inference_ms = int((time.monotonic() - t0) * 1000)
+        if req.enable_fast_mode:
+            notes = dict(notes or {})
+            if stats is not None:
+                notes["fast_mode"] = (
+                    f"step cache: {stats.skipped} of {stats.forwards} transformer passes reused"
+                )
+            else:
+                notes["fast_mode"] = "off on this server (WAN_VACE_FAST_MODE=off): rendered exact"
         frames = frames_to_host(out.frames[0])
 
         # 4. The safety checker, on the frames as rendered (before any scaling up).
@@ -347,9 +386,24 @@ def load_runner(config: PipelineConfig) -> VaceRunner:
     device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe, info = load_pipeline(config.model, weights_root=config.weights_root, device=device)
+    # Loaded in host memory when a GPU is the target: the speed step places each component
+    # (resident, fp8, offloaded), so a model larger than the card never has to fit there first.
+    load_device = "cpu" if str(device).startswith("cuda") else device
+    pipe, info = load_pipeline(config.model, weights_root=config.weights_root, device=load_device)
     pipe.set_progress_bar_config(disable=True)
-    return VaceRunner(pipe, **runner_options(config, info, device))
+    from pipelines.speed import apply_speed
+
+    report = apply_speed(pipe, config.speed, device)
+    return VaceRunner(pipe, **runner_options(config, info, device), speed=report,
+                      step_cache=_step_cache_config(config))  # fmt: skip
+
+
+def _step_cache_config(config: PipelineConfig) -> Any:
+    if config.fast_mode == "off":
+        return None
+    from pipelines.stepcache import StepCacheConfig
+
+    return StepCacheConfig(threshold=config.fast_mode_threshold, warmup=config.fast_mode_warmup)
 
 
 def runner_options(config: PipelineConfig, info: Any, device: str) -> dict[str, Any]:

@@ -95,6 +95,23 @@ class Settings(BaseSettings):
     # that encodes while it renders the next job on the CPU (the tiny model), or runs several
     # workers.
     encode_threads: int = Field(0, ge=0)
+    # Speed and memory of the exact path (pipelines/speed.py; /health shows what was chosen).
+    # attention: "auto" picks the fastest backend that runs and matches on this device
+    # (FlashAttention-3 or SageAttention when installed, then cuDNN and flash SDPA, else native),
+    # or name a diffusers backend. compile: regional torch.compile of the repeated blocks, warmed
+    # up on the served sizes before the worker reports ready (minutes at start). memory: "auto"
+    # (resident when it fits, else block offload with CUDA streams, else fp8 + offload), or
+    # "resident", "fp8" (fp8 weight storage, a small quality cost), "offload", "fp8+offload".
+    attention: str = "auto"
+    compile: bool = False
+    memory: Literal["auto", "resident", "fp8", "offload", "fp8+offload"] = "auto"
+    vae_tiling: Literal["auto", "on", "off"] = "auto"
+    text_encoder: Literal["auto", "gpu", "cpu-after-encode"] = "auto"
+    # enable_fast_mode: "step_cache" skips the transformer's main blocks on steps whose first
+    # block changed by less than fast_mode_threshold (relative L1), with the VACE hints
+    # recomputed every step; "off" runs fast-mode requests exact.
+    fast_mode: Literal["step_cache", "off"] = "step_cache"
+    fast_mode_threshold: float = Field(0.1, ge=0)
     # GPU memory between the `task` preprocessors and the pipeline: "resident" keeps a built
     # preprocessor on the GPU, "offload" parks it in CPU memory while the pipeline denoises.
     preprocessor_memory: Literal["resident", "offload"] = "resident"

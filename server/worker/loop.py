@@ -80,7 +80,9 @@ def default_runner_factory(settings: Settings) -> Runner:
     process, never in the API process."""
     from pipelines.config import PipelineConfig
     from pipelines.runner import load_runner
+    from pipelines.speed import SpeedConfig
 
+    tiling = {"on": True, "off": False}.get(settings.vae_tiling, settings.vae_tiling)
     return load_runner(
         PipelineConfig(
             model=settings.model,
@@ -94,6 +96,10 @@ def default_runner_factory(settings: Settings) -> Runner:
             safety_checker=settings.safety_checker,
             nsfw_policy=settings.nsfw_policy,
             gpus_per_job=settings.gpus_per_job,
+            speed=SpeedConfig(attention=settings.attention, compile=settings.compile, memory=settings.memory,
+                              vae_tiling=tiling, text_encoder=settings.text_encoder),  # fmt: skip
+            fast_mode=settings.fast_mode,
+            fast_mode_threshold=settings.fast_mode_threshold,
         )
     )
 

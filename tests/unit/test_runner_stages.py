@@ -193,3 +193,28 @@ def test_the_runner_renders_what_diffusers_renders_with_its_defaults(tmp_path):
     for _ in range(2):  # the second render is served from both caches
         assert np.array_equal(_frames(runner, req, {}, tmp_path), to_uint8(direct))
     assert runner.gray_cache.hits == 1 and runner.prompt_cache.hits == 1
+
+
+def test_fast_mode_goes_through_the_step_cache_and_exact_requests_do_not(tmp_path):
+    """enable_fast_mode runs the job under the VACE step cache (pipelines/stepcache.py) and says
+    how many transformer passes it reused; the same request without it renders exactly what a
+    runner without the cache renders. With every allowed step skipped the output stays close to
+    exact (the hints are recomputed every step), but is not the exact output."""
+    from pipelines.stepcache import StepCacheConfig
+
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    fast = VaceRunner(pipe, name="tiny", kind="random", device="cpu", downscale=32, encode_preset="ultrafast",
+                      caches=True, step_cache=StepCacheConfig(threshold=float("inf"), warmup=1))  # fmt: skip
+    plain = _runner()
+    exact_req, fast_req = _request(num_inference_steps=6), _request(num_inference_steps=6, enable_fast_mode=True)
+    exact = _frames(plain, exact_req, {}, tmp_path)
+    assert np.array_equal(_frames(fast, exact_req, {}, tmp_path), exact)  # off unless asked
+    r = fast.render(fast_req, {}, tmp_path, lambda p: None)
+    note = r.notes["fast_mode"]
+    assert note.startswith("step cache:") and "of 12 transformer passes reused" in note
+    skipped = int(note.split()[2])
+    assert 0 < skipped < 12  # the warm-up step and the last step run in full, per CFG pass
+    diff = np.abs(r.payload.frames.astype(int) - exact.astype(int))
+    assert diff.max() > 0
+    assert "step cache" in fast.info["fast_mode"] and "off" in plain.info["fast_mode"]
